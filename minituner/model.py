@@ -1,0 +1,523 @@
+"""One small transformer that is GPT-2, Llama or BERT by configuration.
+
+Papers
+------
+- Attention: Vaswani et al. 2017, arXiv:1706.03762, Eq. 1
+      Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V
+- GPT-2: Radford et al. 2019 (pre-LayerNorm, learned positions, GELU, tied embeddings).
+- Llama: Touvron et al. 2023, arXiv:2302.13971 (pre-RMSNorm, RoPE, SwiGLU, no biases), with
+  grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245): H query heads share
+  H_kv key/value heads, H_kv divides H.
+- RMSNorm: Zhang & Sennrich 2019, arXiv:1910.07467, Eq. 4:  a_i / RMS(a) * g_i,
+  RMS(a) = sqrt(mean(a^2) + eps).
+- RoPE: Su et al. 2021, arXiv:2104.09864, Eq. 34:  R x = x * cos(m theta) + rot(x) * sin(m theta),
+  with theta_i = base^(-2i/D). rot() is Hugging Face's `rotate_half` convention (first half of
+  the head dim pairs with the second half), so Llama checkpoints load without permuting q/k.
+- SwiGLU: Shazeer 2020, arXiv:2002.05202, Eq. 6:  FFN(x) = (Swish(x W) * x V) W2.
+- GELU: Hendrycks & Gimpel 2016, arXiv:1606.08415 (GPT-2 uses the tanh approximation,
+  BERT the exact erf form).
+- BERT: Devlin et al. 2018, arXiv:1810.04805 (post-LayerNorm, token-type embeddings,
+  bidirectional attention, LayerNorm on the embeddings).
+
+Shapes: B batch, T time (new tokens), S keys (prefix + cache + new), P prefix length,
+C channels, H heads, H_kv key/value heads, D head dim, V vocab.
+
+Module names (stable: LoRA and adapters target them)
+----------------------------------------------------
+    tok_emb, pos_emb (gpt2, bert), type_emb + emb_norm (bert)
+    blocks.{i}.attn_norm, blocks.{i}.attn.{q_proj,k_proj,v_proj,o_proj}
+    blocks.{i}.mlp_norm,  blocks.{i}.mlp.{fc,proj}                    (gpt2, bert)
+                          blocks.{i}.mlp.{gate_proj,up_proj,down_proj} (llama)
+    norm_f (gpt2, llama), lm_head (gpt2, llama; tied to tok_emb in gpt2)
+Pre-norm (gpt2, llama): x = x + attn(attn_norm(x)); x = x + mlp(mlp_norm(x)).
+Post-norm (bert):       x = attn_norm(x + attn(x)); x = mlp_norm(x + mlp(x)).
+
+BERT has no LM head here: `forward` returns the final hidden states (B, T, C) for the bert
+family (BertModel's `last_hidden_state`, pooler dropped); heads live in `minituner.heads`.
+
+The three seams every technique attaches through
+------------------------------------------------
+::
+
+    input_ids --tok_emb--> x (B,T,C) --+                 (3) inputs_embeds=(B,T,C) replaces
+                                       |                     the lookup: soft prompts are
+    inputs_embeds (B,T,C) ------------>+                     prepended by the caller
+                                       v
+          +------------- block i ------------------------------------------+
+          |  q = q_proj(x)  k = k_proj(x)  v = v_proj(x)   (1) every Linear |
+          |                                                    may be wrapped|
+          |  K = [ prefix_kv[i][0] | cache | k ]   (2) prefix keys/values    |
+          |  V = [ prefix_kv[i][1] | cache | v ]       (B,H_kv,P,D), always  |
+          |  y = o_proj(softmax(q K^T/sqrt(D) + mask) V)   attended to        |
+          +-----------------------------------------------------------------+
+
+1. Module wrapping: LoRA, adapters and NF4 replace an `nn.Linear` (found by the names above)
+   with a module that holds the original and calls it; nothing here is subclassed.
+2. Extra keys/values: `prefix_kv` is a list (one per layer) of (k, v), each (B, H_kv, P, D),
+   already in the rotated (RoPE) space. Every query attends to all P prefix slots; the
+   padding mask covers only real tokens, the prefix columns are added to it here.
+3. Input embeddings: `forward(inputs_embeds=...)` skips the token lookup
+   (`get_input_embeddings()` is `tok_emb`); positions still count the embedded slots.
+
+Padding: attention_mask (B, T) is 1 for real tokens, 0 for padding, left or right.
+Position ids are derived from it (cumsum - 1), so a left-padded prompt gets the same
+positions as the unpadded one. With a KV cache the mask covers cache + new tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FAMILIES = ("gpt2", "llama", "bert")
+_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA enable_gqa
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a `Transformer`; None fields take the family's default."""
+
+    family: str = "gpt2"  # "gpt2" | "llama" | "bert": selects norms, positions, MLP, mask
+    vocab_size: int = 50257  # V, rows of the token embedding
+    block_size: int = 1024  # maximum positions (learned table size, or RoPE range)
+    n_layer: int = 12  # number of blocks
+    n_head: int = 12  # H, query heads
+    n_kv_head: int | None = None  # H_kv, key/value heads (grouped-query attention); None -> H
+    n_embd: int = 768  # C, residual stream width
+    intermediate_size: int | None = None  # MLP hidden width; None -> 4 * C
+    head_dim: int | None = None  # D; None -> C // H (some Llama checkpoints set it)
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
+    rope_theta: float = 10000.0  # RoPE base (llama)
+    type_vocab_size: int = 2  # token-type (segment) embeddings (bert)
+    dropout: float = 0.0  # residual, embedding and attention dropout
+    bias: bool | None = None  # biases in Linear layers; None -> True for gpt2/bert, False for llama
+    tie_embeddings: bool | None = None  # lm_head shares tok_emb; None -> True for gpt2 only
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} is not one of {FAMILIES}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        if self.n_kv_head is None:
+            set_("n_kv_head", self.n_head)
+        if self.intermediate_size is None:
+            set_("intermediate_size", 4 * self.n_embd)
+        if self.bias is None:
+            set_("bias", self.family != "llama")
+        if self.tie_embeddings is None:
+            set_("tie_embeddings", self.family == "gpt2")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd} "
+                                 "(or set head_dim explicitly)")
+            set_("head_dim", self.n_embd // self.n_head)
+        if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.family == "llama" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def causal(self) -> bool:
+        return self.family != "bert"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019, Eq. 4), computed in float32 like Llama."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # a_i / RMS(a)
+        return self.weight * h.to(x.dtype)  # * g_i
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.family == "llama":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int,
+                 theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of m * theta_i for positions m (B, T): each (B, 1, T, D), in float32."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=position_ids.device,
+                                       dtype=torch.float32) / head_dim)  # theta_i, (D/2,)
+    freqs = position_ids.float()[..., None] * inv_freq  # m * theta_i, (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D), rotate_half layout
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (Su et al. 2021, Eq. 34) on x (B, H, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # rot(x): rotate_half
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # x is bf16/fp16 under autocast
+    return x * cos + rotated * sin  # x cos(m theta) + rot(x) sin(m theta)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, preallocated to `max_len`.
+
+    Each layer writes its new keys at [length, length + T); `advance(T)` runs once after all
+    layers. Buffers are allocated on the first write, with the keys' dtype and device.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, T, D = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed. "
+                             "Create a larger KVCache(max_len=...).")
+        if layer not in self.k:
+            self.k[layer] = k.new_empty(B, H, self.max_len, D)
+            self.v[layer] = v.new_empty(B, H, self.max_len, D)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, H_kv, past+T, D)
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) attention with separate q/k/v/o projections."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C, H, Hkv, D, bias = config.n_embd, config.n_head, config.n_kv_head, config.head_dim, config.bias
+        self.n_head, self.n_kv_head, self.head_dim = H, Hkv, D
+        self.q_proj = nn.Linear(C, H * D, bias=bias)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=bias)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, C, bias=bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, H_kv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H_kv, past+T, D)
+        if prefix is not None:  # seam 2: prefix keys/values in front
+            pk, pv = prefix
+            k = torch.cat((pk.to(k.dtype).expand(B, -1, -1, -1), k), dim=2)  # (B, H_kv, S, D)
+            v = torch.cat((pv.to(v.dtype).expand(B, -1, -1, -1), v), dim=2)  # (B, H_kv, S, D)
+        gqa = {}
+        if Hkv != H:
+            if _HAS_GQA:
+                gqa = {"enable_gqa": True}
+            else:  # each key/value head serves H / H_kv query heads
+                k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, D)
+                v = v.repeat_interleave(H // Hkv, dim=1)
+        y = F.scaled_dot_product_attention(  # softmax(q k^T / sqrt(D) + mask) v, Eq. 1
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0, **gqa)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.o_proj(y)  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """GPT-2 / BERT feed-forward: proj(GELU(fc(x)))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.approximate = "tanh" if config.family == "gpt2" else "none"  # GPT-2's gelu_new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class GatedMLP(nn.Module):
+    """Llama feed-forward, SwiGLU (Shazeer 2020, Eq. 6): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C, I, bias = config.n_embd, config.intermediate_size, config.bias
+        self.gate_proj = nn.Linear(C, I, bias=bias)  # W
+        self.up_proj = nn.Linear(C, I, bias=bias)  # V
+        self.down_proj = nn.Linear(I, C, bias=bias)  # W2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (Swish(xW) * xV) W2
+
+
+class Block(nn.Module):
+    """One transformer layer; pre-norm for gpt2/llama, post-norm for bert."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.post_norm = layer, config.family == "bert"
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp = GatedMLP(config) if config.family == "llama" else MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                rope=None, prefix=None, cache: KVCache | None = None) -> torch.Tensor:
+        if self.post_norm:
+            x = self.attn_norm(x + self.drop(self.attn(x, mask, is_causal, rope, prefix, cache, self.layer)))
+            return self.mlp_norm(x + self.drop(self.mlp(x)))
+        x = x + self.drop(self.attn(self.attn_norm(x), mask, is_causal, rope, prefix, cache, self.layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    """GPT-2, Llama or BERT, chosen by `config.family`; see the module docstring."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"Transformer needs a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        C = config.n_embd
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        if config.family in ("gpt2", "bert"):
+            self.pos_emb = nn.Embedding(config.block_size, C)
+        if config.family == "bert":
+            self.type_emb = nn.Embedding(config.type_vocab_size, C)
+            self.emb_norm = make_norm(config)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        if config.family != "bert":
+            self.norm_f = make_norm(config)
+            self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
+            if name.endswith(("o_proj.weight", "mlp.proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.family != "bert" and config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tok_emb
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights counted once
+
+    # -- masks and positions ----------------------------------------------------------------
+    def _mask(self, attention_mask: torch.Tensor | None, B: int, T: int, past: int, P: int,
+              device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """Boolean SDPA mask (B|1, 1, T, S), True = attend, or None with is_causal."""
+        causal = self.config.causal
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and P == 0:  # fast paths: no mask tensor at all
+            if not causal or T == 1:
+                return None, False
+            if past == 0:
+                return None, True
+        S = P + past + T
+        allowed = torch.ones(T, S, dtype=torch.bool, device=device)
+        if causal:  # query at position past+i sees token keys 0..past+i
+            q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+            allowed[:, P:] = torch.arange(past + T, device=device)[None] <= q_pos  # (T, past+T)
+        if padded:
+            keys = torch.cat((attention_mask.new_ones(B, P), attention_mask), 1).bool()  # (B, S)
+            allowed = allowed[None] & keys[:, None, :]  # (B, T, S)
+            diag = torch.arange(T, device=device)
+            allowed[:, diag, P + past + diag] = True  # pad queries see themselves: no empty rows
+        else:
+            allowed = allowed[None]  # (1, T, S)
+        return allowed[:, None], False  # (B|1, 1, T, S)
+
+    # -- the backbone -----------------------------------------------------------------------
+    def _backbone(self, input_ids=None, inputs_embeds=None, attention_mask=None,
+                  token_type_ids=None, position_ids=None, prefix_kv=None,
+                  kv_cache: KVCache | None = None) -> torch.Tensor:
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, C)")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+            x = self.tok_emb(input_ids)  # (B, T, C)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.n_embd:
+                raise ValueError(f"inputs_embeds must be (B, T, {cfg.n_embd}), "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            x = inputs_embeds  # seam 3
+        B, T, _ = x.shape
+        device = x.device
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > cfg.block_size:
+            raise ValueError(f"sequence of {past + T} positions exceeds block_size={cfg.block_size}; "
+                             "truncate the input (or generate fewer tokens)")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise ValueError(f"attention_mask must be (B, past+T) = {(B, past + T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        P = 0
+        if prefix_kv is not None:
+            if len(prefix_kv) != cfg.n_layer:
+                raise ValueError(f"prefix_kv needs one (k, v) per layer: {cfg.n_layer}, got {len(prefix_kv)}")
+            P = prefix_kv[0][0].shape[2]
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: real tokens start at position 0
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)[:, past:]  # (B, T)
+            else:
+                position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
+        rope = None
+        if cfg.family == "llama":
+            rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)  # (B|1, 1, T, D) each
+        else:
+            x = x + self.pos_emb(position_ids)  # (B, T, C) learned absolute positions
+        if cfg.family == "bert":
+            if token_type_ids is None:
+                x = x + self.type_emb.weight[0]
+            else:
+                x = x + self.type_emb(token_type_ids)
+            x = self.emb_norm(x)
+        x = self.drop(x)
+        mask, is_causal = self._mask(attention_mask, B, T, past, P, device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, is_causal, rope, prefix_kv[i] if prefix_kv is not None else None, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.norm_f(x) if cfg.family != "bert" else x  # (B, T, C)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *,
+                inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for gpt2/llama; final hidden states (B, T, C) for bert."""
+        h = self._backbone(input_ids, inputs_embeds, attention_mask, token_type_ids,
+                           position_ids, prefix_kv, kv_cache)
+        return self.lm_head(h) if self.config.family != "bert" else h
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, pooling: str | None = None, *,
+                      inputs_embeds: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None,
+                      prefix_kv=None) -> torch.Tensor:
+        """Final hidden states (B, T, C), or pooled (B, C): "last" non-pad token, "mean" over
+        real tokens (sentence-transformers' mean pooling), or "first" real token (BERT's CLS).
+        Gradients flow (fine-tuning through a head); wrap in torch.no_grad() to extract."""
+        if pooling not in (None, "last", "mean", "first"):
+            raise ValueError(f"pooling={pooling!r}; use None, 'last', 'mean' or 'first'")
+        h = self._backbone(input_ids, inputs_embeds, attention_mask, token_type_ids,
+                           None, prefix_kv, None)  # (B, T, C)
+        if pooling is None:
+            return h
+        B, T, _ = h.shape
+        m = attention_mask if attention_mask is not None else h.new_ones(B, T)
+        m = m.to(h.dtype)  # (B, T)
+        if pooling == "mean":
+            return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1e-9)  # (B, C)
+        pos = torch.arange(T, device=h.device, dtype=h.dtype)  # (T,)
+        idx = (m * pos).argmax(1) if pooling == "last" else (m * (T - pos)).argmax(1)  # (B,)
+        return h[torch.arange(B, device=h.device), idx]  # (B, C)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """Next token (B,) from logits (B, V): greedy at temperature 0, else sampled."""
+        if temperature == 0.0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None:  # nucleus: smallest set whose probability reaches top_p
+            sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already >= p
+            drop[:, 0] = False
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        probs = logits.softmax(-1)  # (B, V)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None,
+                 generator: torch.Generator | None = None, *,
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+                 prefix_kv=None) -> torch.Tensor:
+        """Prompt + continuation (B, T + N), N <= max_new_tokens, with a KV cache.
+
+        Prompts may be left-padded (pass attention_mask). A row stops at its first EOS; later
+        slots of that row hold pad_token_id (or the EOS id). Stops when every row is done.
+        Uses the module's current train/eval mode: call `model.eval()` first for no dropout.
+        """
+        if not self.config.causal:
+            raise ValueError("generate() needs a causal family (gpt2 or llama); bert is bidirectional")
+        if max_new_tokens < 0 or temperature < 0:
+            raise ValueError("max_new_tokens and temperature must be >= 0")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        B, T = input_ids.shape
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"block_size={self.config.block_size}; shorten one of them")
+        eos = None
+        if eos_token_id is not None:
+            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            eos = torch.tensor(ids, device=input_ids.device)
+            pad = pad_token_id if pad_token_id is not None else ids[0]
+        cache = KVCache(T + max_new_tokens)
+        mask = attention_mask
+        out, step_ids = input_ids, input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(step_ids, attention_mask=mask, kv_cache=cache, prefix_kv=prefix_kv)
+            nxt = self._sample(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            if eos is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+                finished |= torch.isin(nxt, eos)
+            out = torch.cat((out, nxt[:, None]), dim=1)  # (B, T + n)
+            step_ids = nxt[:, None]  # (B, 1)
+            if mask is not None:
+                mask = torch.cat((mask, mask.new_ones(B, 1)), dim=1)
+            if eos is not None and bool(finished.all()):
+                break
+        return out

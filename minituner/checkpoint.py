@@ -1,0 +1,340 @@
+"""Checkpoints: our own format, and Hugging Face GPT-2 / Llama / BERT layouts.
+
+Our format is a directory with two files, each written atomically (temporary file, then
+`os.replace`), so a crash never leaves a half-written checkpoint behind:
+
+    config.json         ModelConfig.to_dict()
+    model.safetensors   the state dict (a tied lm_head is stored once, as tok_emb)
+
+`load_hf` reads a Hugging Face directory (config.json + model.safetensors, or shards listed
+in model.safetensors.index.json) or an in-memory state dict, renames its keys to ours and
+checks everything before any weight is used: missing keys, unexpected keys and shape
+mismatches come back together in ONE `CheckpointError`. Key mapping:
+
+    GPT-2  [transformer.]h.{i}.attn.c_attn   (C, 3C) Conv1D -> transpose, split into q/k/v
+           h.{i}.attn.c_proj / mlp.c_fc / mlp.c_proj Conv1D (in, out) -> transpose to (out, in)
+    Llama  model.layers.{i}.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj: same names
+    BERT   [bert.]encoder.layer.{i}.attention.self.{query,key,value} -> attn.{q,k,v}_proj ...
+           pooler.* and cls.* (heads we do not build) are skipped
+
+Pickle is never read: `.bin`, `.pt`, `.pth`, `.ckpt`, `.pkl` files are refused with the
+command that converts them to safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minituner.model import ModelConfig, Transformer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model, or a file we refuse to read."""
+
+
+# -- files ------------------------------------------------------------------------------------
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path} is a pickle file; minituner never unpickles (it can run arbitrary code). "
+            "Convert it to safetensors once, in an environment you trust, e.g. "
+            "`transformers`' model.save_pretrained(dir, safe_serialization=True), or "
+            "safetensors.torch.save_file(state_dict, 'model.safetensors').")
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """write(tmp_path) then rename over `path`: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a directory: model.safetensors, or the shards named by its index."""
+    d = Path(directory)
+    if (d / WEIGHTS_NAME).is_file():
+        return load_file(d / WEIGHTS_NAME)
+    if (d / INDEX_NAME).is_file():
+        weight_map = json.loads((d / INDEX_NAME).read_text())["weight_map"]
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = (d / shard).resolve()
+            if shard_path.parent != d.resolve():
+                raise CheckpointError(f"{INDEX_NAME} names a shard outside {d}: {shard!r}")
+            state.update(load_file(shard_path))
+        return state
+    for f in sorted(d.iterdir()) if d.is_dir() else []:
+        _refuse_pickle(f)
+    found = sorted(p.name for p in d.iterdir()) if d.is_dir() else "no such directory"
+    raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {d} (found: {found})")
+
+
+# -- loading a state dict into a model, checked ---------------------------------------------------
+def _tied(model: Transformer) -> bool:
+    return hasattr(model, "lm_head") and model.lm_head.weight is model.tok_emb.weight
+
+
+def load_checked(model: Transformer, state: Mapping[str, torch.Tensor],
+                 sources: Mapping[str, str] | None = None, assign: bool = False) -> None:
+    """Load `state` into `model` or raise ONE CheckpointError listing every problem.
+
+    `sources` maps our key -> the checkpoint's original key, to name both in messages.
+    With assign=True the tensors themselves become the parameters (meta-device models).
+    """
+    sources = sources or {}
+    expected = model.state_dict()
+    if _tied(model):
+        expected.pop("lm_head.weight")  # stored once, as tok_emb.weight
+    named = lambda k: f"{k!r}" + (f" (checkpoint key {sources[k]!r})" if sources.get(k, k) != k else "")  # noqa: E731
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{named(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint does not match {type(model).__name__}({model.config.family}):"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(named(k) for k in unexpected))
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}):\n    " + "\n    ".join(mismatched))
+        lines.append("  check that the config matches the checkpoint (family, sizes, vocab).")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(dict(state), strict=False, assign=assign)
+    if model.config.family != "bert" and model.config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # re-tie after assign
+
+
+def _build(config: ModelConfig, state: Mapping[str, torch.Tensor], sources=None,
+           device=None, dtype: torch.dtype | None = None) -> Transformer:
+    """A Transformer holding `state`, built on the meta device (no wasted random init)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    load_checked(model, state, sources, assign=True)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+# -- our own format -------------------------------------------------------------------------------
+def save(model: Transformer, directory: str | os.PathLike) -> Path:
+    """Write config.json and model.safetensors into `directory` (created), atomically."""
+    if not isinstance(getattr(model, "config", None), ModelConfig):
+        raise TypeError("save() needs a minituner Transformer (with a ModelConfig in .config)")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if _tied(model):
+        state.pop("lm_head.weight")  # safetensors refuses shared storage; it is tok_emb
+    _atomic_write(d / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n"
+    _atomic_write(d / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return d
+
+
+def load(directory: str | os.PathLike, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None) -> Transformer:
+    """Inverse of `save`: the same weights, bit for bit (saved dtype unless `dtype`), in eval mode."""
+    d = Path(directory)
+    if d.is_file():
+        _refuse_pickle(d)
+        raise CheckpointError(f"load() takes the checkpoint directory, not the file {d}")
+    if not (d / CONFIG_NAME).is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {d}; save a model with minituner.checkpoint.save")
+    config = ModelConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
+    return _build(config, read_safetensors(d), device=device, dtype=dtype)
+
+
+# -- Hugging Face configs -------------------------------------------------------------------------
+def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json dict (model_type gpt2, llama or bert).
+
+    Dropout is not copied (0.0, for reproducible fine-tuning); pass dropout=... to override.
+    """
+    mt = hf.get("model_type")
+    if mt == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise CheckpointError(f"GPT-2 activation {hf['activation_function']!r} is not supported "
+                                  "(this model implements gelu_new, the tanh approximation)")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise CheckpointError("GPT-2 options scale_attn_by_inverse_layer_idx / "
+                                  "reorder_and_upcast_attn are not supported")
+        cfg = dict(family="gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
+                   n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                   intermediate_size=hf.get("n_inner"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                   bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+    elif mt == "llama":
+        rope = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if rope_type != "default":
+            raise CheckpointError(f"Llama rope_type {rope_type!r} is not supported (only 'default')")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"Llama hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+            raise CheckpointError("attention_bias and mlp_bias differ; minituner has one bias flag")
+        cfg = dict(family="llama", vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                   n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                   n_kv_head=hf.get("num_key_value_heads"), n_embd=hf["hidden_size"],
+                   intermediate_size=hf["intermediate_size"], head_dim=hf.get("head_dim"),
+                   norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                   bias=bool(hf.get("attention_bias", False)),
+                   tie_embeddings=hf.get("tie_word_embeddings", False))
+    elif mt == "bert":
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"BERT hidden_act {hf['hidden_act']!r} is not supported (gelu only)")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError("only absolute position embeddings are supported for BERT")
+        cfg = dict(family="bert", vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                   n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                   n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                   norm_eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=hf.get("type_vocab_size", 2),
+                   bias=True)
+    else:
+        raise CheckpointError(f"model_type {mt!r} is not supported; use a gpt2, llama or bert checkpoint")
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+# -- Hugging Face key mapping ---------------------------------------------------------------------
+# (pattern on the HF key with its model prefix removed, our key template, transform)
+# transform: None = copy, "T" = Conv1D (in, out) -> Linear (out, in), "qkv" = GPT-2 fused split.
+_RULES: dict[str, list[tuple[str, str, str | None]]] = {
+    "gpt2": [
+        (r"wte\.weight", "tok_emb.weight", None),
+        (r"wpe\.weight", "pos_emb.weight", None),
+        (r"h\.(\d+)\.ln_1\.(weight|bias)", "blocks.{0}.attn_norm.{1}", None),
+        (r"h\.(\d+)\.attn\.c_attn\.(weight|bias)", "blocks.{0}.attn.{{}}_proj.{1}", "qkv"),
+        (r"h\.(\d+)\.attn\.c_proj\.(weight|bias)", "blocks.{0}.attn.o_proj.{1}", "T"),
+        (r"h\.(\d+)\.ln_2\.(weight|bias)", "blocks.{0}.mlp_norm.{1}", None),
+        (r"h\.(\d+)\.mlp\.c_fc\.(weight|bias)", "blocks.{0}.mlp.fc.{1}", "T"),
+        (r"h\.(\d+)\.mlp\.c_proj\.(weight|bias)", "blocks.{0}.mlp.proj.{1}", "T"),
+        (r"ln_f\.(weight|bias)", "norm_f.{0}", None),
+        (r"lm_head\.weight", "lm_head.weight", None),
+    ],
+    "llama": [
+        (r"embed_tokens\.weight", "tok_emb.weight", None),
+        (r"layers\.(\d+)\.self_attn\.([qkvo]_proj)\.(weight|bias)", "blocks.{0}.attn.{1}.{2}", None),
+        (r"layers\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.(weight|bias)", "blocks.{0}.mlp.{1}.{2}", None),
+        (r"layers\.(\d+)\.input_layernorm\.weight", "blocks.{0}.attn_norm.weight", None),
+        (r"layers\.(\d+)\.post_attention_layernorm\.weight", "blocks.{0}.mlp_norm.weight", None),
+        (r"norm\.weight", "norm_f.weight", None),
+        (r"lm_head\.weight", "lm_head.weight", None),
+    ],
+    "bert": [
+        (r"embeddings\.word_embeddings\.weight", "tok_emb.weight", None),
+        (r"embeddings\.position_embeddings\.weight", "pos_emb.weight", None),
+        (r"embeddings\.token_type_embeddings\.weight", "type_emb.weight", None),
+        (r"embeddings\.LayerNorm\.(weight|bias)", "emb_norm.{0}", None),
+        (r"encoder\.layer\.(\d+)\.attention\.self\.query\.(weight|bias)", "blocks.{0}.attn.q_proj.{1}", None),
+        (r"encoder\.layer\.(\d+)\.attention\.self\.key\.(weight|bias)", "blocks.{0}.attn.k_proj.{1}", None),
+        (r"encoder\.layer\.(\d+)\.attention\.self\.value\.(weight|bias)", "blocks.{0}.attn.v_proj.{1}", None),
+        (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", "blocks.{0}.attn.o_proj.{1}", None),
+        (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", "blocks.{0}.attn_norm.{1}", None),
+        (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", "blocks.{0}.mlp.fc.{1}", None),
+        (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", "blocks.{0}.mlp.proj.{1}", None),
+        (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", "blocks.{0}.mlp_norm.{1}", None),
+    ],
+}
+_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
+# buffers and heads present in HF files that this model does not have
+_SKIP = {
+    "gpt2": r"h\.\d+\.attn\.(bias|masked_bias)",
+    "llama": r"(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",
+    "bert": r"embeddings\.position_ids|pooler\..*|cls\..*",
+}
+
+
+def convert_hf_state_dict(hf_state: Mapping[str, torch.Tensor], config: ModelConfig
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """HF tensors -> (our state dict, our key -> HF key). Unknown keys pass through unchanged,
+    so `load_checked` reports them as unexpected together with everything else."""
+    fam = config.family
+    rules = [(re.compile(p), t, tr) for p, t, tr in _RULES[fam]]
+    state, sources = {}, {}
+    for hf_key, w in hf_state.items():
+        key = hf_key[len(_PREFIX[fam]):] if hf_key.startswith(_PREFIX[fam]) else hf_key
+        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+        if re.fullmatch(_SKIP[fam], key):
+            continue
+        if fam != "bert" and config.tie_embeddings and key == "lm_head.weight":
+            continue  # the tied head is tok_emb
+        for pattern, template, transform in rules:
+            m = pattern.fullmatch(key)
+            if m is None:
+                continue
+            ours = template.format(*m.groups())
+            if transform == "T" and w.dim() == 2:
+                w = w.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
+            if transform == "qkv" and w.shape[-1] % 3 == 0:
+                if w.dim() == 2:
+                    w = w.t()  # Conv1D (C, 3C) -> (3C, C)
+                for name, part in zip("qkv", w.chunk(3, dim=0)):  # fused c_attn -> q, k, v
+                    state[ours.format(name)], sources[ours.format(name)] = part, hf_key
+                break
+            state[ours], sources[ours] = w, hf_key
+            break
+        else:
+            state[hf_key], sources[hf_key] = w, hf_key
+    return state, sources
+
+
+def load_hf(source: str | os.PathLike | Mapping[str, torch.Tensor], family: str | None = None,
+            config: ModelConfig | Mapping | None = None, *, device: str | torch.device | None = None,
+            dtype: torch.dtype | None = torch.float32) -> Transformer:
+    """A Transformer from a Hugging Face GPT-2 / Llama / BERT checkpoint, in eval mode.
+
+    source: a directory (config.json + safetensors, single or sharded), a .safetensors file
+    (config.json next to it, or `config`), or a state dict (then `config` is required).
+    config: a ModelConfig, or a HF config dict; by default the directory's config.json.
+    family: optional check that the checkpoint is the family you expect.
+    dtype: float32 by default (HF files are often bf16/fp16); None keeps the stored dtypes.
+    """
+    hf_config = None
+    if isinstance(source, Mapping):
+        if config is None:
+            raise CheckpointError("load_hf(state_dict) needs config= (a ModelConfig or a HF config dict)")
+        state = dict(source)
+    else:
+        path = Path(source)
+        _refuse_pickle(path)
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise CheckpointError(f"{path} is not a .safetensors file")
+            state, path = load_file(path), path.parent
+        elif path.is_dir():
+            state = read_safetensors(path)
+        else:
+            raise CheckpointError(f"{path} does not exist")
+        if config is None:
+            if not (path / CONFIG_NAME).is_file():
+                raise CheckpointError(f"no {CONFIG_NAME} in {path}; pass config=")
+            hf_config = json.loads((path / CONFIG_NAME).read_text())
+    if config is None:
+        config = hf_config
+    if not isinstance(config, ModelConfig):
+        config = config_from_hf(config)
+    if family is not None and family != config.family:
+        raise CheckpointError(f"expected a {family} checkpoint, the config says {config.family}")
+    ours, sources = convert_hf_state_dict(state, config)
+    return _build(config, ours, sources, device=device, dtype=dtype)

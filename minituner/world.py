@@ -426,8 +426,9 @@ class World:
     # ------------------------------------------------------------------------- the corpus
     def corpus(self, split: str = "train", n_docs: int | None = None) -> list[str]:
         """Documents for pre-training (``split="train"``, default 30 000 documents, about
-        10 M characters) or held-out evaluation (``split="val"``, default 1 000). Both state
-        the same world's facts, drawn from different random streams."""
+        11 M characters, about 3 M tokens) or held-out evaluation (``split="val"``, default
+        1 000). Both state the same world's facts, drawn from different random streams; a
+        document's split is a function of its text, so no document is in both."""
         if split not in ("train", "val"):
             raise ValueError(f"corpus split must be 'train' or 'val', got {split!r}")
         n_docs = n_docs if n_docs is not None else (30_000 if split == "train" else 1_000)
@@ -438,11 +439,13 @@ class World:
             (0.3, self._profile), (0.08, self._town_doc), (0.3, self._story_doc),
             (0.12, self._comparison_doc), (0.1, self._sum_doc), (0.1, self._dialogue)]
         weights = [w for w, _ in kinds]
-        docs = []
-        for _ in range(n_docs):
+        docs: list[str] = []
+        while len(docs) < n_docs:
             # a document is 1-3 paragraphs of the same or different kinds
             parts = [rng.choices(kinds, weights)[0][1](rng) for _ in range(rng.randint(1, 3))]
-            docs.append("\n\n".join(parts))
+            doc = "\n\n".join(parts)
+            if _is_test(self.seed, "doc/" + doc) == (split == "val"):  # no doc in both splits
+                docs.append(doc)
         return docs
 
     def _story_doc(self, rng: random.Random) -> str:

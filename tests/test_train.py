@@ -177,6 +177,7 @@ def test_inf_gradient_is_caught():
 
 
 # ------------------------------------------------------------------ learning
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_overfits_one_batch(family):
     """One batch of 4 random sequences (T=16, V=48). At init the logits are near zero, so the

@@ -1,0 +1,116 @@
+"""Tests for minituner/paged_adamw.py: same steps as torch.optim.AdamW, state_dict, budget."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minituner.paged_adamw import PagedAdamW
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 40), torch.nn.GELU(), torch.nn.Linear(40, 3))
+
+
+def groups(model: torch.nn.Module) -> list[dict]:
+    """Two parameter groups: weights with weight decay, biases without and with their own lr."""
+    return [
+        {"params": [model[0].weight, model[2].weight], "weight_decay": 0.1},
+        {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0, "lr": 3e-3},
+    ]
+
+
+def train(model, opt, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 3, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("budget", [None, 4 * 64 * 2, 10**6])
+def test_same_steps_as_torch_adamw(budget):
+    """50 steps, float32, weight decay, two groups: parameters within 1e-6 of torch.optim.AdamW,
+    whether the budget holds every page (10^6 bytes, None) or only one page pair (512 bytes)."""
+    ref, ours = mlp(), mlp()
+    opt_ref = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    opt = PagedAdamW(groups(ours), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01,
+                     device_budget_bytes=budget, page_numel=64)
+    train(ref, opt_ref, 50)
+    train(ours, opt, 50)
+    for p, q in zip(ref.parameters(), ours.parameters()):
+        assert (p - q).abs().max().item() <= 1e-6
+    assert any((p - q0).abs().max() > 1e-3 for p, q0 in zip(ours.parameters(), mlp().parameters()))
+    if budget == 512:
+        assert opt.pool.page_outs > 0 and opt.pool.peak_resident_bytes <= 512
+    else:
+        assert opt.pool.page_outs == 0
+
+
+def test_first_step_by_hand():
+    """Step 1 of Adam moves every coordinate by lr * sign(g) (m_hat = g, v_hat = g^2), and AdamW
+    first scales theta by (1 - lr * lambda): theta = 1, g = 0.5, lr = 0.1, lambda = 0.1 ->
+    1 * 0.99 - 0.1 * 0.5 / (0.5 + 1e-8) = 0.89."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = PagedAdamW([p], lr=0.1, weight_decay=0.1, eps=1e-8)
+    p.grad = torch.full((3,), 0.5)
+    opt.step()
+    assert p.tolist() == pytest.approx([0.89] * 3, abs=1e-7)
+
+
+def test_state_dict_round_trip_and_adamw_compatibility():
+    """Saving after 10 steps, loading into a fresh PagedAdamW (and into torch AdamW) and training
+    10 more steps gives the same parameters as 20 uninterrupted steps."""
+    full, part = mlp(), mlp()
+    opt_full = PagedAdamW(groups(full), lr=1e-2, page_numel=50, device_budget_bytes=400)
+    train(full, opt_full, 20)
+    opt_part = PagedAdamW(groups(part), lr=1e-2, page_numel=50, device_budget_bytes=400)
+    train(part, opt_part, 10)
+    sd = opt_part.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"} and sd["state"][0]["step"].item() == 10
+    resumed = PagedAdamW(groups(part), lr=1e-2, page_numel=50, device_budget_bytes=400)
+    resumed.load_state_dict(sd)
+    torch.testing.assert_close(resumed.state_dict()["state"][2]["exp_avg_sq"], sd["state"][2]["exp_avg_sq"])
+    train_tail = torch.Generator().manual_seed(1)
+    for _ in range(10):  # skip the first 10 batches of the stream
+        torch.randn(8, 16, generator=train_tail), torch.randn(8, 3, generator=train_tail)
+    for _ in range(10):
+        x, y = torch.randn(8, 16, generator=train_tail), torch.randn(8, 3, generator=train_tail)
+        resumed.zero_grad()
+        torch.nn.functional.mse_loss(part(x), y).backward()
+        resumed.step()
+    for p, q in zip(full.parameters(), part.parameters()):
+        assert torch.equal(p, q)
+    adamw = torch.optim.AdamW(groups(mlp()), lr=1e-2)
+    adamw.load_state_dict(sd)  # same layout as torch's AdamW
+    assert torch.equal(adamw.state_dict()["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
+
+
+@settings(max_examples=8, deadline=None)
+@given(budget_pages=st.integers(2, 12), page_numel=st.integers(8, 200), seed=st.integers(0, 1000))
+def test_resident_bytes_never_exceed_budget(budget_pages, page_numel, seed):
+    """For any budget of >= 2 pages, the pool's own peak resident bytes stay within it."""
+    model = mlp(seed)
+    budget = budget_pages * page_numel * 4
+    opt = PagedAdamW(model.parameters(), lr=1e-3, page_numel=page_numel, device_budget_bytes=budget)
+    train(model, opt, 3, seed)
+    assert opt.pool.peak_resident_bytes <= budget
+    total = 2 * 4 * sum(p.numel() for p in model.parameters())
+    assert opt.pool.total_bytes == total
+    if total > budget:
+        assert opt.pool.page_outs > 0
+
+
+def test_bad_arguments():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="cannot hold one page"):
+        PagedAdamW([p], device_budget_bytes=100, page_numel=64)
+    with pytest.raises(ValueError, match="betas"):
+        PagedAdamW([p], betas=(1.0, 0.9))
+    q = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = PagedAdamW([q])
+    q.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32"):
+        opt.step()

@@ -1,0 +1,58 @@
+"""Tests for kernels/paging.py: the page pool's accounting and LRU eviction (host == device here)."""
+
+import pytest
+import torch
+
+from kernels.paging import PagePool
+
+
+def test_allocate_short_last_page():
+    """10 elements in pages of 4 -> pages of 4, 4 and 2 elements, zero-filled: 40 bytes in all."""
+    pool = PagePool(page_numel=4)
+    ids = pool.allocate(10)
+    assert [pool.nbytes(i) for i in ids] == [16, 16, 8] and pool.total_bytes == 40
+    assert all(torch.equal(pool.read(i), torch.zeros(pool.nbytes(i) // 4)) for i in ids)
+
+
+def test_lru_eviction_writes_back_and_counts():
+    """Budget of two pages: getting a third evicts the least recently used one, whose contents
+    come back intact on the next page-in; ins and outs are counted, resident <= budget."""
+    pool = PagePool(page_numel=4, budget_bytes=32)
+    a, b, c = (pool.allocate(4)[0] for _ in range(3))
+    (pa,) = pool.get([a])
+    pa.fill_(1.0)
+    pool.get([b])[0].fill_(2.0)
+    pool.get([a])  # a is now most recently used, b the LRU
+    pool.get([c])  # evicts b
+    assert pool.page_ins == 3 and pool.page_outs == 1
+    assert pool.resident_bytes == 32 and pool.peak_resident_bytes == 32
+    assert torch.equal(pool.get([b])[0], torch.full((4,), 2.0))  # evicts a, brings b back
+    assert torch.equal(pool.read(a), torch.full((4,), 1.0))
+    assert pool.page_outs == 2 and pool.resident_bytes <= 32
+
+
+def test_prefetch_never_evicts_pages_in_use():
+    pool = PagePool(page_numel=4, budget_bytes=32)
+    a, b, c = (pool.allocate(4)[0] for _ in range(3))
+    pool.get([a, b])
+    pool.prefetch([c])  # would need to evict a or b, both in use: skipped
+    assert pool.page_ins == 2
+    pool.release()
+    pool.prefetch([c])
+    assert pool.page_ins == 3 and pool.resident_bytes == 32
+
+
+def test_budget_too_small_for_one_request():
+    pool = PagePool(page_numel=4, budget_bytes=16)
+    ids = pool.allocate(8)
+    with pytest.raises(ValueError, match="raise the budget"):
+        pool.get(ids)
+
+
+def test_write_then_read():
+    pool = PagePool(page_numel=3)
+    (i,) = pool.allocate(3)
+    pool.write(i, torch.tensor([1.0, 2.0, 3.0]))
+    assert pool.get([i])[0].tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="holds 3 values"):
+        pool.write(i, torch.zeros(2))

@@ -104,7 +104,10 @@ def load_checked(model: Transformer, state: Mapping[str, torch.Tensor],
     expected = model.state_dict()
     if _tied(model):
         expected.pop("lm_head.weight")  # stored once, as tok_emb.weight
-    named = lambda k: f"{k!r}" + (f" (checkpoint key {sources[k]!r})" if sources.get(k, k) != k else "")  # noqa: E731
+
+    def named(k: str) -> str:
+        return f"{k!r}" + (f" (checkpoint key {sources[k]!r})" if sources.get(k, k) != k else "")
+
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [f"{named(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"

@@ -324,7 +324,10 @@ def test_generate_stops_early_when_all_rows_finish():
 def test_sampling_is_seeded_and_filters():
     m = tiny("gpt2")
     x = ids(2, 3, 1)
-    gen = lambda s, **kw: m.generate(x, 6, temperature=1.0, generator=torch.Generator().manual_seed(s), **kw)  # noqa: E731
+
+    def gen(seed: int, **kw) -> torch.Tensor:
+        return m.generate(x, 6, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+
     assert torch.equal(gen(5), gen(5))
     assert not torch.equal(gen(5), gen(6))
     greedy = m.generate(x, 6)
@@ -337,7 +340,10 @@ def test_top_p_and_top_k_by_hand():
     (0.5 already reaches it); top_k=2 keeps {0, 1}."""
     logits = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(2000, 3)
     g = torch.Generator().manual_seed(0)
-    draw = lambda **kw: set(Transformer._sample(logits, 1.0, generator=g, **{"top_k": None, "top_p": None, **kw}).tolist())  # noqa: E731
+
+    def draw(top_k=None, top_p=None) -> set:
+        return set(Transformer._sample(logits, 1.0, top_k, top_p, generator=g).tolist())
+
     assert draw(top_p=0.7) == {0, 1}
     assert draw(top_p=0.5) == {0}
     assert draw(top_k=2) == {0, 1}

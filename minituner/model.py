@@ -62,6 +62,8 @@ The three seams every technique attaches through
 Padding: attention_mask (B, T) is 1 for real tokens, 0 for padding, left or right.
 Position ids are derived from it (cumsum - 1), so a left-padded prompt gets the same
 positions as the unpadded one. With a KV cache the mask covers cache + new tokens.
+Outputs at pad positions are unspecified. No mask tensor is built when none is needed (no
+padding, or right padding under the causal mask): SDPA then runs with is_causal=True.
 """
 
 from __future__ import annotations
@@ -346,8 +348,13 @@ class Transformer(nn.Module):
               device: torch.device) -> tuple[torch.Tensor | None, bool]:
         """Boolean SDPA mask (B|1, 1, T, S), True = attend, or None with is_causal."""
         causal = self.config.causal
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if not padded and P == 0:  # fast paths: no mask tensor at all
+        padded = right_only = False
+        if attention_mask is not None:  # one host sync for both flags
+            m = attention_mask.bool()
+            all_real, right_only = torch.stack((m.all(), (m[:, :-1] >= m[:, 1:]).all())).tolist()
+            padded = not all_real
+        if P == 0 and (not padded or (causal and right_only and past == 0)):  # no mask tensor
+            # right padding under a causal mask: real queries never see the later pads anyway
             if not causal or T == 1:
                 return None, False
             if past == 0:

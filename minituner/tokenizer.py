@@ -146,6 +146,9 @@ class Tokenizer:
         os.close(fd)
         try:
             self._tok.save(tmp)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; tokenizer.json is an ordinary file
             os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
         finally:
             if os.path.exists(tmp):

@@ -1,9 +1,10 @@
 """Benchmarks: NF4 quantize/dequantize and PagedAdamW against the fastest alternatives installed.
 
-    python -m kernels.bench [--device cpu|cuda] [--size 4096] [--repeats 5]
+    python -m kernels.bench [--device cpu|cuda] [--size 4096] [--repeats 5] [--threads N]
 
 One table: for a size x size weight in float32 and bfloat16, the median time of `repeats` runs
-after one warm-up, the bytes moved per second (input read + output written), that rate as a share
+after one warm-up (ours and the alternatives timed in turn within each round, so they share the
+background load), the bytes moved per second (input read + output written), that rate as a share
 of the machine's copy bandwidth (a same-size tensor copy measured in this run, the ceiling for a
 memory-bound op), and the same operation by bitsandbytes and torchao when installed, as the ratio
 their time / ours (> 1: ours is faster). torchao's NF4 always double-quantizes its scales, so its
@@ -56,65 +57,97 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median ms of each function, timed in turn within every round (one warm-up round first).
+
+    Interleaving puts ours and the alternative under the same background load, which on a
+    shared machine moves far more between rounds than between neighbouring calls.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_:  # round 0 is the warm-up
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def quant_rows(size: int, dtype: torch.dtype, repeats: int, device: torch.device, ceiling: float) -> list[Row]:
     """Quantize and dequantize rows for one dtype (ours, then bitsandbytes and torchao ratios)."""
     x = torch.randn(size, size, device=device).to(dtype)
     packed, absmax = quantize_nf4(x)
-    q_ms = median_ms(lambda: quantize_nf4(x), repeats, device)
-    d_ms = median_ms(lambda: dequantize_nf4(packed, absmax, x.shape, dtype=dtype), repeats, device)
-    moved = _nbytes(x, packed, absmax)  # read x, write codes and absmax (and the reverse)
-    name = str(dtype).replace("torch.", "")
-    rows: list[Row] = []
-    for op, ms in (("nf4 quantize", q_ms), ("nf4 dequantize", d_ms)):
-        gbs = moved / ms / 1e6
-        rows.append({"op": op, "dtype": name, "ms": ms, "GB/s": gbs, "of copy": gbs / ceiling})
+    fns: dict[str, Callable[[], object]] = {
+        "q": lambda: quantize_nf4(x),
+        "d": lambda: dequantize_nf4(packed, absmax, x.shape, dtype=dtype),
+    }
     try:
         import bitsandbytes.functional as bnbF
 
-        bq = median_ms(lambda: bnbF.quantize_4bit(x, blocksize=64, quant_type="nf4"), repeats, device)
         bp, state = bnbF.quantize_4bit(x, blocksize=64, quant_type="nf4")
-        bd = median_ms(lambda: bnbF.dequantize_4bit(bp, state), repeats, device)
-        rows[0]["bitsandbytes"], rows[1]["bitsandbytes"] = bq / q_ms, bd / d_ms
+        fns["bnb q"] = lambda: bnbF.quantize_4bit(x, blocksize=64, quant_type="nf4")
+        fns["bnb d"] = lambda: bnbF.dequantize_4bit(bp, state)
     except ImportError:
         pass
     try:
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-        tq = median_ms(lambda: to_nf4(x, 64, 256), repeats, device)
         t = to_nf4(x, 64, 256)
-        td = median_ms(lambda: t.get_original_weight(), repeats, device)
-        ours_dq = median_ms(lambda: double_quantize(quantize_nf4(x)[1]), repeats, device)
-        rows[0]["torchao"], rows[1]["torchao"] = tq / ours_dq, td / d_ms
+        fns["ao q"] = lambda: to_nf4(x, 64, 256)
+        fns["ao d"] = lambda: t.get_original_weight()
+        fns["q+dq"] = lambda: double_quantize(quantize_nf4(x)[1])  # torchao always double-quantizes
     except (ImportError, AssertionError):  # not installed, or a size its scale blocks reject
         pass
+    ms = interleaved_ms(fns, repeats, device)
+    moved = _nbytes(x, packed, absmax)  # read x, write codes and absmax (and the reverse)
+    name = str(dtype).replace("torch.", "")
+    rows: list[Row] = []
+    for op, key in (("nf4 quantize", "q"), ("nf4 dequantize", "d")):
+        gbs = moved / ms[key] / 1e6
+        row: Row = {"op": op, "dtype": name, "ms": ms[key], "GB/s": gbs, "of copy": gbs / ceiling}
+        if f"bnb {key}" in ms:
+            row["bitsandbytes"] = ms[f"bnb {key}"] / ms[key]
+        if f"ao {key}" in ms:
+            row["torchao"] = ms[f"ao {key}"] / ms["q+dq" if key == "q" else key]
+        rows.append(row)
     return rows
 
 
 def adamw_rows(size: int, repeats: int, device: torch.device) -> list[Row]:
-    """One optimizer step on a size x size parameter: torch AdamW, then PagedAdamW at two budgets."""
+    """One optimizer step on a size x size parameter: torch AdamW, then PagedAdamW at two budgets.
+
+    The three optimizers step in turn within each round (each on its own parameter).
+    """
     from minituner.paged_adamw import PagedAdamW
 
-    def timed(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> tuple[float, float]:
-        """(median step ms, pages brought in per step after the first step)."""
-        p = torch.nn.Parameter(torch.randn(size, size, device=device))
-        p.grad = torch.randn_like(p)
-        opt = make([p])
-        opt.step()  # the first step allocates the states (and pages them all in)
-        pool = getattr(opt, "pool", None)
-        ins = pool.page_ins if pool is not None else 0
-        ms = median_ms(opt.step, repeats, device)
-        return ms, ((pool.page_ins - ins) / (repeats + 1) if pool is not None else 0.0)
-
-    ref_ms, _ = timed(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01))
     state = 2 * 4 * size * size
     page = max(16, min(1 << 19, size * size // 16))  # >= 16 pages per state: a budget of 1/4 holds 4 pages
-    rows: list[Row] = [{"op": "AdamW step (torch)", "dtype": "float32", "ms": ref_ms}]
+    makers: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
+        "AdamW step (torch)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01),
+    }
     for label, budget in (("budget > state", 2 * state), ("budget = state/4", state // 4)):
-        ms, ins = timed(lambda ps, b=budget: PagedAdamW(ps, lr=1e-3, weight_decay=0.01, device_budget_bytes=b, page_numel=page))
-        rows.append({
-            "op": f"PagedAdamW step, {label}", "dtype": "float32", "ms": ms,
-            "torch AdamW": ref_ms / ms, "pages in/step": ins,
-        })  # fmt: skip
+        makers[f"PagedAdamW step, {label}"] = lambda ps, b=budget: PagedAdamW(
+            ps, lr=1e-3, weight_decay=0.01, device_budget_bytes=b, page_numel=page
+        )
+    opts: dict[str, torch.optim.Optimizer] = {}
+    for name, make in makers.items():
+        p = torch.nn.Parameter(torch.randn(size, size, device=device))
+        p.grad = torch.randn_like(p)
+        opts[name] = make([p])
+        opts[name].step()  # the first step allocates the states (and pages them all in)
+    pools = {name: getattr(opt, "pool", None) for name, opt in opts.items()}
+    ins_before = {name: pool.page_ins for name, pool in pools.items() if pool is not None}
+    ms = interleaved_ms({name: opt.step for name, opt in opts.items()}, repeats, device)
+    ref_ms = ms["AdamW step (torch)"]
+    rows: list[Row] = []
+    for name, pool in pools.items():
+        row: Row = {"op": name, "dtype": "float32", "ms": ms[name]}
+        if pool is not None:  # pages brought in per step after the first step (warm-up included)
+            row["torch AdamW"] = ref_ms / ms[name]
+            row["pages in/step"] = (pool.page_ins - ins_before[name]) / (repeats + 1)
+        rows.append(row)
     return rows
 
 
@@ -151,9 +184,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--size", type=int, default=4096, help="the weight is size x size (default 4096)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per op; the median is shown (>= 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.size < 8:
         parser.error("--repeats must be >= 1 and --size >= 8")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch.cuda.is_available() is False; use --device cpu")
     print(f"kernels.bench: {args.size}x{args.size} weight, median of {args.repeats} runs after warm-up, "

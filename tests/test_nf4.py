@@ -119,10 +119,20 @@ def test_matches_reference_loop(shape, blocksize):
 
 
 def test_fast_path_equals_bucketize_on_many_values():
-    """The 65536-cell lookup plus exact fix-up equals bucketize on midpoints, for all 3 codebooks."""
+    """The top-22-bit lookup plus exact fix-up equals bucketize on midpoints, for all 3 codebooks.
+
+    Besides random blocks, blocks of absmax 1 (so X_i / N_b = X_i exactly) hold every midpoint,
+    its two float32 neighbours and their negatives: the values a lookup is most likely to get wrong.
+    """
     x = torch.randn(64 * 4096, generator=torch.Generator().manual_seed(2))
     x[:64] = torch.linspace(-1, 1, 64)  # a block that hits values near every midpoint
     for code in (NF4_CODE, FP4_CODE, INT4_CODE):
+        mids = (code[:-1] + code[1:]) / 2  # (15,)
+        up, down = torch.full_like(mids, 2.0), torch.full_like(mids, -2.0)
+        near = torch.cat([mids, torch.nextafter(mids, up), torch.nextafter(mids, down)])  # (45,)
+        edge = torch.cat([near, -near, torch.tensor([-1.0, 0.0])])  # (92,)
+        rows = torch.cat([edge, torch.zeros(126 - edge.numel())]).view(2, 63)
+        x[64:192] = torch.cat([torch.ones(2, 1), rows], dim=1).view(-1)  # blocks 1, 2 start with 1.0: N_b = 1
         packed, absmax = quantize_4bit(x, code, 64)
         s = x.view(-1, 64) * (1.0 / absmax)[:, None]
         ref = torch.bucketize(s.reshape(-1), (code[:-1] + code[1:]) / 2)

@@ -248,6 +248,9 @@ def quantize_4bit(
     return packed, absmax
 
 
+_CHUNK_ELEMENTS = 1 << 18  # dequantize works on 256K elements (1 MiB of float32) at a time
+
+
 def dequantize_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -274,16 +277,30 @@ def dequantize_4bit(
     flat = packed.reshape(-1)  # (ceil(n/2),) bytes
     if flat.numel() % 2 or flat.storage_offset() % 2:  # read as whole, aligned 16-bit words
         flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)])
-    words = flat.view(torch.uint16).to(torch.int32)  # (bytes/2,) two packed bytes per word
-    out = torch.empty(2 * flat.numel(), dtype=torch.float32, device=packed.device)  # (>= n,)
-    torch.index_select(table, 0, words, out=out.view(torch.complex128))  # Q[q], 4 elements per word
-    full = n - n % blocksize
+    words = flat.view(torch.uint16)  # (W,) two packed bytes per word, W = bytes/2
     absmax = absmax.to(torch.float32)
-    out[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])  # * N_b, in place
-    if full < n:
-        out[full:n].mul_(absmax[-1])
-    out = out[:n].view(shape)
-    return out if dtype == torch.float32 else out.to(dtype)  # float32 product, rounded once
+    out = torch.empty(4 * words.numel(), dtype=dtype, device=packed.device)  # (>= n,)
+    # Work in chunks of whole blocks that stay in cache: the int32 indices and (for a
+    # non-float32 result) the float32 product live in small reused buffers, instead of
+    # full-size temporaries that cost a fresh page-fault-bound allocation each call.
+    chunk = max(_CHUNK_ELEMENTS, blocksize)  # elements, a multiple of blocksize (both powers of 2)
+    idx = torch.empty(min(chunk, out.numel()) // 4, dtype=torch.int32, device=packed.device)
+    scratch = None if dtype == torch.float32 else torch.empty(idx.numel() * 4, dtype=torch.float32,
+                                                                   device=packed.device)
+    for start in range(0, out.numel(), chunk):  # a few large chunks, never a loop over blocks
+        stop = min(start + chunk, out.numel())
+        w = words[start // 4: stop // 4]  # (chunk/4,)
+        i = idx[: w.numel()]
+        i.copy_(w)  # uint16 -> int32 index
+        y = out[start:stop] if scratch is None else scratch[: stop - start]  # (chunk,) float32
+        torch.index_select(table, 0, i, out=y.view(torch.complex128))  # Q[q], 4 elements per word
+        full = max(0, min(stop, n - n % blocksize) - start)  # elements of whole blocks here
+        y[:full].view(-1, blocksize).mul_(absmax[start // blocksize: (start + full) // blocksize, None])  # * N_b
+        if start + full < n <= stop and n % blocksize:  # the partial last block
+            y[full: n - start].mul_(absmax[-1])
+        if scratch is not None:
+            out[start:stop].copy_(y)  # float32 product, rounded once to dtype
+    return out[:n].view(shape)
 
 
 def quantize_nf4(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -270,3 +270,22 @@ def test_bitsandbytes_double_quant_agreement():
     assert torch.allclose(c1, state.state2.absmax)
     agree = (codes == state.absmax).float().mean().item()
     assert agree >= 0.99, agree
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,blocksize", [(1001, 16), (64 * 9 + 7, 64), (4096 * 3 + 1, 128)])
+def test_dequantize_chunks_agree_with_one_pass(monkeypatch, dtype, n, blocksize):
+    """Dequantize works chunk by chunk; tiny chunks (one block each, many chunks, a partial
+    last block in the last chunk) give exactly what one chunk over the whole tensor gives,
+    and that equals code[q] * absmax computed elementwise in float32, rounded once."""
+    import kernels.nf4 as nf4
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    packed, absmax = quantize_nf4(x, blocksize)
+    q = unpack(packed, n).long()  # (n,) code indices
+    ref = (NF4_CODE[q] * absmax.repeat_interleave(blocksize)[:n]).to(dtype)  # elementwise
+    monkeypatch.setattr(nf4, "_CHUNK_ELEMENTS", 1 << 30)
+    whole = dequantize_nf4(packed, absmax, (n,), blocksize, dtype)
+    monkeypatch.setattr(nf4, "_CHUNK_ELEMENTS", 4)  # clamped up to one block per chunk
+    chunked = dequantize_nf4(packed, absmax, (n,), blocksize, dtype)
+    assert torch.equal(whole, ref) and torch.equal(chunked, ref)

@@ -248,7 +248,7 @@ def quantize_4bit(
     return packed, absmax
 
 
-_CHUNK_ELEMENTS = 1 << 18  # dequantize works on 256K elements (1 MiB of float32) at a time
+_CHUNK_ELEMENTS = 1 << 19  # dequantize works on 512K elements (2 MiB of float32 codes) at a time
 
 
 def dequantize_4bit(
@@ -280,26 +280,25 @@ def dequantize_4bit(
     words = flat.view(torch.uint16)  # (W,) two packed bytes per word, W = bytes/2
     absmax = absmax.to(torch.float32)
     out = torch.empty(4 * words.numel(), dtype=dtype, device=packed.device)  # (>= n,)
-    # Work in chunks of whole blocks that stay in cache: the int32 indices and (for a
-    # non-float32 result) the float32 product live in small reused buffers, instead of
-    # full-size temporaries that cost a fresh page-fault-bound allocation each call.
+    # Work in chunks of whole blocks that stay in cache: the int32 indices and the codes Q[q]
+    # live in small reused buffers, and the output is written once, by the multiply, instead
+    # of full-size temporaries that cost a fresh, page-fault-bound allocation on every call.
     chunk = max(_CHUNK_ELEMENTS, blocksize)  # elements, a multiple of blocksize (both powers of 2)
     idx = torch.empty(min(chunk, out.numel()) // 4, dtype=torch.int32, device=packed.device)
-    scratch = None if dtype == torch.float32 else torch.empty(idx.numel() * 4, dtype=torch.float32,
-                                                                   device=packed.device)
+    codes = torch.empty(idx.numel() * 4, dtype=torch.float32, device=packed.device)
     for start in range(0, out.numel(), chunk):  # a few large chunks, never a loop over blocks
         stop = min(start + chunk, out.numel())
-        w = words[start // 4: stop // 4]  # (chunk/4,)
-        i = idx[: w.numel()]
-        i.copy_(w)  # uint16 -> int32 index
-        y = out[start:stop] if scratch is None else scratch[: stop - start]  # (chunk,) float32
-        torch.index_select(table, 0, i, out=y.view(torch.complex128))  # Q[q], 4 elements per word
+        i = idx[: (stop - start) // 4]
+        i.copy_(words[start // 4: stop // 4])  # (chunk/4,) uint16 -> int32 index
+        q = codes[: stop - start]  # (chunk,) float32
+        torch.index_select(table, 0, i, out=q.view(torch.complex128))  # Q[q], 4 elements per word
+        o = out[start:stop]
         full = max(0, min(stop, n - n % blocksize) - start)  # elements of whole blocks here
-        y[:full].view(-1, blocksize).mul_(absmax[start // blocksize: (start + full) // blocksize, None])  # * N_b
-        if start + full < n <= stop and n % blocksize:  # the partial last block
-            y[full: n - start].mul_(absmax[-1])
-        if scratch is not None:
-            out[start:stop].copy_(y)  # float32 product, rounded once to dtype
+        torch.mul(q[:full].view(-1, blocksize), absmax[start // blocksize: (start + full) // blocksize, None],
+                  out=o[:full].view(-1, blocksize))  # X~ = Q[q] * N_b in float32, rounded once to dtype
+        tail = max(0, min(stop, n) - start - full)  # the partial last block, if it is in this chunk
+        if tail:
+            torch.mul(q[full:full + tail], absmax[-1], out=o[full:full + tail])
     return out[:n].view(shape)
 
 

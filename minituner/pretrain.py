@@ -146,7 +146,7 @@ def pretrain(out_dir: str | os.PathLike = "weights/base", config: PretrainConfig
     history = train(model, train_ds, tcfg, eval_data=val_ds)
     train_seconds = time.time() - t0
     metrics = measure(model, tok, world, train_ds, val_ds, config.seed, progress=progress)
-    steps = history[-1]["step"] + 1 if history else 0
+    steps = history[-1]["step"] if history else 0  # history steps count from 1
     metrics.update({
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokens_seen": steps * tcfg.batch_size * tcfg.grad_accum_steps * config.model.block_size,

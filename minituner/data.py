@@ -173,7 +173,20 @@ class PackedLMDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------ classification
-class ClassificationDataset(torch.utils.data.Dataset):
+class _TokenLabelDataset(torch.utils.data.Dataset):
+    """A list of (input_ids, labels) tensor pairs, served as {"input_ids", "labels"} dicts."""
+
+    items: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.items[i]
+        return {"input_ids": x, "labels": y}
+
+
+class ClassificationDataset(_TokenLabelDataset):
     """``{"text", "label"}`` examples as ``{"input_ids": (T,), "labels": ()}`` with the text
     encoded as ``<bos> text``. ``max_length`` and ``overflow`` as in the module docstring."""
 
@@ -188,13 +201,6 @@ class ClassificationDataset(torch.utils.data.Dataset):
                 self.items.append((torch.tensor(got[0]), torch.tensor(int(ex["label"]))))
         fit.report(len(self.items))
         self.n_truncated, self.n_dropped = fit.n_truncated, fit.n_dropped
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x, y = self.items[i]
-        return {"input_ids": x, "labels": y}
 
 
 # ------------------------------------------------------------------------------ SFT
@@ -216,7 +222,7 @@ def _chat_ids(tokenizer: TokenizerLike, messages: Sequence[Mapping[str, str]]) -
     return ids, labels
 
 
-class SFTDataset(torch.utils.data.Dataset):
+class SFTDataset(_TokenLabelDataset):
     """Instruction examples as ``{"input_ids": (T,), "labels": (T,)}``, the prompt masked.
 
     An example is either ``{"instruction", "input", "output"}`` (formatted with
@@ -247,13 +253,6 @@ class SFTDataset(torch.utils.data.Dataset):
                 self.items.append((torch.tensor(got[0]), torch.tensor(got[1])))
         fit.report(len(self.items))
         self.n_truncated, self.n_dropped = fit.n_truncated, fit.n_dropped
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x, y = self.items[i]
-        return {"input_ids": x, "labels": y}
 
 
 # ---------------------------------------------------------------------- preferences

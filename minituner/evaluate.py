@@ -91,6 +91,7 @@ def complete(model, tokenizer: Tokenizer, prompts: Sequence[str], *, max_new_tok
     device = next(model.parameters()).device
     # Every token whose text contains `stop` ends a row early, like EOS: generation halts
     # as soon as every row has finished its first line, instead of running max_new_tokens.
+    eos_text = tokenizer.decode([tokenizer.eos_id], skip_special_tokens=False) if tokenizer.eos_id is not None else ""
     stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     if stop:
         stop_ids += [i for i in range(tokenizer.vocab_size)
@@ -109,9 +110,10 @@ def complete(model, tokenizer: Tokenizer, prompts: Sequence[str], *, max_new_tok
         out = model.generate(ids, min(max_new_tokens, room), attention_mask=mask,
                              eos_token_id=stop_ids or None, pad_token_id=tokenizer.pad_id)
         for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
-            text = tokenizer.decode(row, skip_special_tokens=False).split(tokenizer.decode(
-                [tokenizer.eos_id], skip_special_tokens=False))[0] if tokenizer.eos_id is not None \
-                else tokenizer.decode(row)
+            if eos_text:  # cut at EOS (what follows is padding); keep other special tokens
+                text = tokenizer.decode(row, skip_special_tokens=False).split(eos_text)[0]
+            else:
+                text = tokenizer.decode(row)
             answers[i] = text.split(stop)[0] if stop else text
     return answers
 

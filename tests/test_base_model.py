@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from minituner import checkpoint
 from minituner.evaluate import fact_recall, instruction_exact_match

@@ -96,7 +96,7 @@ def test_preference_pairs_share_the_masked_prompt(w, tok):
     for b, p in enumerate(prefs):
         P = 1 + len(encode_with_specials(tok, p["prompt"]))
         for side in ("chosen", "rejected"):
-            ids, lab = batch[f"{side}_input_ids"][b], batch[f"{side}_labels"][b]
+            lab = batch[f"{side}_labels"][b]
             L = int(batch[f"{side}_attention_mask"][b].sum())
             assert (lab[:P] == IGNORE_INDEX).all() and (lab[L:] == IGNORE_INDEX).all()
             assert tok.decode(lab[P:L].tolist()) == p[side]

@@ -1,6 +1,6 @@
 """Benchmarks: NF4 quantize/dequantize and PagedAdamW against the fastest alternatives installed.
 
-    python -m kernels.bench [--device cpu|cuda] [--size 4096] [--repeats 5] [--threads N]
+    python -m minituner.kernels.bench [--device cpu|cuda] [--size 4096] [--repeats 5] [--threads N]
 
 One table: for a size x size weight in float32 and bfloat16, the median time of `repeats` runs
 after one warm-up (ours and the alternatives timed in turn within each round, so they share the
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.nf4 import dequantize_nf4, double_quantize, quantize_nf4
+from .nf4 import dequantize_nf4, double_quantize, quantize_nf4
 
 Row = dict[str, object]
 

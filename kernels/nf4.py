@@ -70,7 +70,7 @@ import math
 
 import torch
 
-from kernels.blockwise import (
+from .blockwise import (
     blockwise_absmax,
     check_blocksize,
     check_finite,

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kernels.paging import PagePool
+from minituner.kernels.paging import PagePool
 
 __all__ = ["PagedAdamW"]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kernels import bench
+from minituner.kernels import bench
 
 
 def test_bench_functions_on_tiny_size(capsys):

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.blockwise import dequantize_blockwise, dynamic_code, quantize_blockwise
+from minituner.kernels.blockwise import dequantize_blockwise, dynamic_code, quantize_blockwise
 
 
 def test_dynamic_code_by_hand():

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.blockwise import dynamic_code
-from kernels.nf4 import (
+from minituner.kernels.blockwise import dynamic_code
+from minituner.kernels.nf4 import (
     FP4_CODE,
     INT4_CODE,
     NF4_CODE,
@@ -278,7 +278,7 @@ def test_dequantize_chunks_agree_with_one_pass(monkeypatch, dtype, n, blocksize)
     """Dequantize works chunk by chunk; tiny chunks (one block each, many chunks, a partial
     last block in the last chunk) give exactly what one chunk over the whole tensor gives,
     and that equals code[q] * absmax computed elementwise in float32, rounded once."""
-    import kernels.nf4 as nf4
+    import minituner.kernels.nf4 as nf4
 
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
     packed, absmax = quantize_nf4(x, blocksize)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.paging import PagePool
+from minituner.kernels.paging import PagePool
 
 
 def test_allocate_short_last_page():

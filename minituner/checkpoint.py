@@ -1,7 +1,8 @@
 """Checkpoints: our own format, and Hugging Face GPT-2 / Llama / BERT layouts.
 
-Our format is a directory with two files, each written atomically (temporary file, then
-`os.replace`), so a crash never leaves a half-written checkpoint behind:
+Our format is a directory with two files, written together atomically (a temporary
+directory renamed into place, `minituner.files.atomic_directory`), so a crash never leaves a
+half-written checkpoint, or new weights beside an old config, behind:
 
     config.json         ModelConfig.to_dict()
     model.safetensors   the state dict (a tied lm_head is stored once, as tok_emb)
@@ -26,19 +27,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from minituner.files import PICKLE_SUFFIXES, atomic_directory, refuse_pickle  # noqa: F401 (re-exported)
 from minituner.model import ModelConfig, Transformer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 class CheckpointError(ValueError):
@@ -47,32 +47,7 @@ class CheckpointError(ValueError):
 
 # -- files ------------------------------------------------------------------------------------
 def _refuse_pickle(path: Path) -> None:
-    if path.suffix in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"{path} is a pickle file; minituner never unpickles (it can run arbitrary code). "
-            "Convert it to safetensors once, in an environment you trust, e.g. "
-            "`transformers`' model.save_pretrained(dir, safe_serialization=True), or "
-            "safetensors.torch.save_file(state_dict, 'model.safetensors').")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """write(tmp_path) then rename over `path`: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    refuse_pickle(path, CheckpointError)
 
 
 def read_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -151,13 +126,13 @@ def save(model: Transformer, directory: str | os.PathLike) -> Path:
     if not isinstance(getattr(model, "config", None), ModelConfig):
         raise TypeError("save() needs a minituner Transformer (with a ModelConfig in .config)")
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if _tied(model):
         state.pop("lm_head.weight")  # safetensors refuses shared storage; it is tok_emb
-    _atomic_write(d / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(d / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    with atomic_directory(d) as tmp:  # both files appear together, or neither does
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text)
     return d
 
 

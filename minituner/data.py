@@ -43,6 +43,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import torch
 
+from minituner.files import write_text
 from minituner.world import DEFAULT_SYSTEM, format_prompt
 
 IGNORE_INDEX = -100
@@ -420,7 +421,4 @@ def read_preferences(path: str | Path) -> list[dict]:
 
 def write_jsonl(path: str | Path, examples: Iterable[Mapping[str, Any]]) -> Path:
     """Write examples one JSON object per line (UTF-8), e.g. the world's tasks for other tools."""
-    path = Path(path)
-    path.write_text("".join(json.dumps(dict(ex), ensure_ascii=False) + "\n" for ex in examples),
-                    encoding="utf-8")
-    return path
+    return write_text(path, "".join(json.dumps(dict(ex), ensure_ascii=False) + "\n" for ex in examples))

@@ -37,6 +37,7 @@ import torch
 from . import checkpoint
 from .data import PackedLMDataset, pack_documents
 from .evaluate import fact_recall, instruction_exact_match, unigram_baseline
+from .files import write_text
 from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer
 from .train import TrainConfig, evaluate, train
@@ -157,16 +158,10 @@ def pretrain(out_dir: str | os.PathLike = "weights/base", config: PretrainConfig
     out = Path(out_dir)
     checkpoint.save(model, out)
     tok.save(out / "tokenizer.json")
-    _write(out / "history.json", json.dumps(history, indent=1) + "\n")
-    _write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write(out / "README.md", model_card(metrics))
+    write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text(out / "README.md", model_card(metrics))
     return metrics
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
 def model_card(m: dict) -> str:

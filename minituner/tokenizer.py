@@ -31,7 +31,6 @@ What this layer adds over `tokenizers` is policy a training library needs:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -39,13 +38,15 @@ import torch
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from minituner.files import PICKLE_SUFFIXES, atomic_file
+
 SPECIAL_TOKENS: list[str] = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # Names under which real checkpoints spell their special tokens, most specific first.
 _PAD_NAMES = ("<|pad|>", "[PAD]", "<pad>")
 _BOS_NAMES = ("<|bos|>", "<s>", "[CLS]", "<|begin_of_text|>", "<|endoftext|>")
 _EOS_NAMES = ("<|eos|>", "</s>", "[SEP]", "<|end_of_text|>", "<|eot_id|>", "<|endoftext|>")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".model")
+_NOT_JSON = PICKLE_SUFFIXES + (".model",)  # pickles, and sentencepiece models
 
 
 class BatchEncoding(dict):
@@ -121,7 +122,7 @@ class Tokenizer:
                     "vocab.txt or vocab.json + merges.txt can be converted once with transformers: "
                     "AutoTokenizer.from_pretrained(dir).save_pretrained(dir) writes tokenizer.json")
             path = found
-        if path.suffix.lower() in _PICKLE_SUFFIXES:
+        if path.suffix.lower() in _NOT_JSON:
             raise ValueError(f"{path} is not a tokenizer.json: minituner reads only the JSON format of "
                              "the `tokenizers` library (no pickled or sentencepiece files); convert it with "
                              "transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir)")
@@ -142,17 +143,8 @@ class Tokenizer:
             path.mkdir(parents=True, exist_ok=True)
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".json", dir=path.parent)
-        os.close(fd)
-        try:
-            self._tok.save(tmp)
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; tokenizer.json is an ordinary file
-            os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path) as tmp:  # readers see the old or the new file
+            self._tok.save(str(tmp))
         return path
 
     # ------------------------------------------------------------------ vocabulary

@@ -12,7 +12,8 @@ This pool does the paging explicitly, in PyTorch:
     +----+----+----+----+----+----+  <-out-- +----+----+
 
 - `allocate(numel)` reserves ceil(numel / page_numel) zero pages on the host; the last one is
-  short (only the remaining elements), so small tensors waste nothing.
+  short (only the remaining elements), so small tensors waste nothing. `free(ids)` gives pages
+  back: they leave the device without a copy back, and `allocate` reuses their ids.
 - `get(ids)` returns device tensors for the pages, paging in those that are not resident; it first
   evicts least-recently-used pages (copying them back to the host) until the budget holds them.
   Pages handed out by the latest `get` are never evicted by the next `prefetch`.
@@ -56,7 +57,8 @@ class PagePool:
         cuda = self.device.type == "cuda"
         self._pin = cuda and torch.cuda.is_available()
         self._stream = torch.cuda.Stream(self.device) if self._pin else None  # side stream for copies
-        self._host: list[torch.Tensor] = []  # page id -> host tensor
+        self._host: list[torch.Tensor | None] = []  # page id -> host tensor (None: a freed id)
+        self._free: list[int] = []  # freed page ids, reused by allocate
         self._resident: OrderedDict[int, torch.Tensor] = OrderedDict()  # LRU: first = least recent
         self._ready: dict[int, torch.cuda.Event] = {}  # page id -> copy-in finished (CUDA)
         self._in_use: set[int] = set()
@@ -73,20 +75,49 @@ class PagePool:
         ids = []
         for start in range(0, numel, self.page_numel):  # one iteration per page
             size = min(self.page_numel, numel - start)
-            self._host.append(torch.zeros(size, dtype=self.dtype, pin_memory=self._pin))
-            ids.append(len(self._host) - 1)
+            page = torch.zeros(size, dtype=self.dtype, pin_memory=self._pin)
+            if self._free:  # reuse a freed id, so the id space does not grow
+                ids.append(self._free.pop())
+                self._host[ids[-1]] = page
+            else:
+                self._host.append(page)
+                ids.append(len(self._host) - 1)
         return ids
 
+    def free(self, page_ids: Iterable[int]) -> None:
+        """Give pages back: dropped from the device with no copy back, their ids reused later."""
+        page_ids = list(page_ids)
+        if self._stream is not None:
+            self._stream.synchronize()  # no copy into or out of these pages is still running
+        for i in page_ids:
+            if not 0 <= i < len(self._host) or self._host[i] is None:
+                raise ValueError(f"page {i} is not allocated (already freed?); free each page id once")
+            if self._resident.pop(i, None) is not None:  # stale device copy: no longer counts
+                self._ready.pop(i, None)
+                self.resident_bytes -= self.nbytes(i)
+            self._in_use.discard(i)
+            self._host[i] = None
+            self._free.append(i)
+
+    def _page(self, page_id: int) -> torch.Tensor:
+        """The host tensor of an allocated page (a clear error for a freed id)."""
+        page = self._host[page_id]
+        if page is None:
+            raise ValueError(f"page {page_id} was freed; use the ids of a later allocate")
+        return page
+
     def nbytes(self, page_id: int) -> int:
-        return self._host[page_id].numel() * self._host[page_id].element_size()
+        page = self._page(page_id)
+        return page.numel() * page.element_size()
 
     @property
     def num_pages(self) -> int:
-        return len(self._host)
+        """Allocated pages (freed ones not counted)."""
+        return len(self._host) - len(self._free)
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.nbytes(i) for i in range(len(self._host)))
+        return sum(t.numel() * t.element_size() for t in self._host if t is not None)
 
     # ------------------------------------------------------------------ moving pages
     def _evict_until(self, need: int, protect: set[int]) -> bool:
@@ -115,7 +146,7 @@ class PagePool:
         self.page_outs += 1
 
     def _page_in(self, page_id: int) -> None:
-        host = self._host[page_id]
+        host = self._page(page_id)
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
                 dev = torch.empty_like(host, device=self.device)
@@ -176,16 +207,17 @@ class PagePool:
             return self._resident[page_id].to("cpu", copy=True)
         if self._stream is not None:
             self._stream.synchronize()
-        return self._host[page_id].clone()
+        return self._page(page_id).clone()
 
     def write(self, page_id: int, values: torch.Tensor) -> None:
         """Overwrite a page's contents (resident copy and host copy)."""
         values = values.reshape(-1).to(self.dtype)
-        if values.numel() != self._host[page_id].numel():
-            raise ValueError(f"page {page_id} holds {self._host[page_id].numel()} values, got {values.numel()}")
+        host = self._page(page_id)
+        if values.numel() != host.numel():
+            raise ValueError(f"page {page_id} holds {host.numel()} values, got {values.numel()}")
         if self._stream is not None:
             self._stream.synchronize()
-        self._host[page_id].copy_(values)
+        host.copy_(values)
         if page_id in self._resident:
             self._resident[page_id].copy_(values)
 

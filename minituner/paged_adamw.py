@@ -143,25 +143,41 @@ class PagedAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict from PagedAdamW or torch.optim.AdamW (same layout)."""
+        """Load a state_dict from PagedAdamW or torch.optim.AdamW (same layout).
+
+        The moments are written into the pages a parameter already has (loading again allocates
+        nothing); the pages of a parameter the state_dict has no state for are freed, so that
+        parameter starts from zero moments, as it would in torch.optim.AdamW.
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
         moments = {}
         stripped = {"state": {}, "param_groups": state_dict["param_groups"]}
         for idx, st in state_dict["state"].items():
             if "exp_avg" not in st or "exp_avg_sq" not in st:
                 raise ValueError(f"state for parameter {idx} lacks exp_avg/exp_avg_sq; is it an AdamW state_dict?")
-            moments[idx] = (st["exp_avg"], st["exp_avg_sq"])
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            n = params[int(idx)].numel() if int(idx) < len(params) else None  # out of range: super() says so
+            if n is not None and (m.numel() != n or v.numel() != n):
+                raise ValueError(f"state for parameter {idx} has {m.numel()} values, the parameter {n}")
+            moments[int(idx)] = (m, v)
             stripped["state"][idx] = {"step": st["step"]}
-        super().load_state_dict(stripped)
-        params = [p for g in self.param_groups for p in g["params"]]
+        pages = {p: (s["m_pages"], s["v_pages"]) for p, s in self.state.items() if "m_pages" in s}
+        super().load_state_dict(stripped)  # replaces self.state: the page ids live on in `pages`
+        loaded = {params[idx] for idx in moments}
+        for p in [p for p in pages if p not in loaded]:  # no state in the state_dict: free its pages
+            m_pages, v_pages = pages.pop(p)
+            self.pool.free(m_pages + v_pages)
         P = self.pool.page_numel
         for idx, (m, v) in moments.items():
-            p = params[int(idx)]
-            if m.numel() != p.numel() or v.numel() != p.numel():
-                raise ValueError(f"state for parameter {idx} has {m.numel()} values, the parameter {p.numel()}")
-            step = self.state[p]["step"]
+            p = params[idx]
+            step = torch.as_tensor(self.state[p]["step"], dtype=torch.float32).clone().cpu()
             self.state[p].clear()
-            state = self._state(p)
-            state["step"] = torch.as_tensor(step, dtype=torch.float32).clone().cpu()
+            if p in pages:  # reuse the pages this parameter already has
+                state = self.state[p]
+                state["m_pages"], state["v_pages"] = pages[p]
+            else:
+                state = self._state(p)  # allocates its pages
+            state["step"] = step
             for k, (mi, vi) in enumerate(zip(state["m_pages"], state["v_pages"])):
                 self.pool.write(mi, m.reshape(-1)[k * P : (k + 1) * P])
                 self.pool.write(vi, v.reshape(-1)[k * P : (k + 1) * P])

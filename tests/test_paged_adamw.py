@@ -88,6 +88,64 @@ def test_state_dict_round_trip_and_adamw_compatibility():
     assert torch.equal(adamw.state_dict()["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
 
 
+def test_repeated_loads_keep_the_pool_constant():
+    """Loading a state_dict writes into the pages the parameters already have: after each of
+    three loads (and a step) the pool holds the same pages, total and resident bytes as after
+    the first step (the old code allocated a new set per load: 28 -> 56 -> 84 -> 112 pages, and
+    the stale resident pages counted against the budget until evicted with a copy back)."""
+    model = mlp()
+    opt = PagedAdamW(groups(model), lr=1e-2, page_numel=64, device_budget_bytes=10**6)
+    train(model, opt, 2)
+    sd = opt.state_dict()
+    before = opt.pool.stats()
+    for _ in range(3):
+        opt.load_state_dict(sd)
+        assert opt.pool.stats() == before
+        train(model, opt, 1)
+        after = opt.pool.stats()
+        assert (after["pages"], after["total_bytes"], after["resident_bytes"]) == (
+            before["pages"], before["total_bytes"], before["resident_bytes"])
+        assert after["page_outs"] == 0  # nothing stale had to be written back to make room
+
+
+def test_load_without_a_parameters_state_frees_its_pages():
+    """A state_dict with no state for a parameter (it had no gradient yet) frees that parameter's
+    pages and restarts it from zero moments, as torch.optim.AdamW does: both optimizers, loaded
+    with the same partial state_dict, take the same next step; the pool's size is unchanged after
+    the step re-allocates the freed pages (their ids are reused)."""
+    ref_model, model = mlp(), mlp()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    opt = PagedAdamW(model.parameters(), lr=1e-2, page_numel=64, device_budget_bytes=10**6)
+    train(ref_model, ref, 3)
+    train(model, opt, 3)
+    before = opt.pool.stats()
+    sd = opt.state_dict()
+    del sd["state"][1]  # forget the first bias's moments and step
+    ref.load_state_dict(sd)
+    opt.load_state_dict(sd)
+    bias_pages = 2  # 40 values, pages of 64: one page of m and one of v
+    assert opt.pool.num_pages == before["pages"] - bias_pages
+    assert opt.pool.resident_bytes == before["resident_bytes"] - 2 * 40 * 4
+    train(ref_model, ref, 2, seed=7)
+    train(model, opt, 2, seed=7)
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert (p - q).abs().max().item() <= 1e-6
+    assert opt.pool.stats()["pages"] == before["pages"] and opt.pool.num_pages == len(opt.pool._host)
+
+
+def test_load_state_dict_with_wrong_sizes_changes_nothing():
+    """A state_dict whose moments do not fit the parameters is rejected before any state changes."""
+    model = mlp()
+    opt = PagedAdamW(model.parameters(), lr=1e-2, page_numel=64)
+    train(model, opt, 1)
+    sd = opt.state_dict()
+    good = opt.state_dict()
+    sd["state"][0]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="has 3 values, the parameter 640"):
+        opt.load_state_dict(sd)
+    torch.testing.assert_close(opt.state_dict()["state"], good["state"], rtol=0, atol=0)
+
+
 @settings(max_examples=8, deadline=None)
 @given(budget_pages=st.integers(2, 12), page_numel=st.integers(8, 200), seed=st.integers(0, 1000))
 def test_resident_bytes_never_exceed_budget(budget_pages, page_numel, seed):

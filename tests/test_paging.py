@@ -56,3 +56,24 @@ def test_write_then_read():
     assert pool.get([i])[0].tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="holds 3 values"):
         pool.write(i, torch.zeros(2))
+
+
+def test_free_drops_resident_pages_and_ids_are_reused():
+    """Freeing a resident page lowers resident_bytes by its size with no page-out (its contents
+    are dropped, not copied back); allocate then reuses the freed ids, zero-filled, so the pool
+    does not grow; a freed id is rejected until it is allocated again."""
+    pool = PagePool(page_numel=4, budget_bytes=64)
+    ids = pool.allocate(10)  # pages of 4, 4, 2 elements
+    pool.get(ids)[0].fill_(3.0)
+    pool.release()
+    assert pool.resident_bytes == 40 and pool.num_pages == 3
+    pool.free(ids[:2])
+    assert pool.resident_bytes == 8 and pool.page_outs == 0
+    assert pool.num_pages == 1 and pool.total_bytes == 8
+    with pytest.raises(ValueError, match="was freed"):
+        pool.read(ids[0])
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.free(ids[:1])
+    again = pool.allocate(8)
+    assert sorted(again) == sorted(ids[:2]) and pool.num_pages == 3 and pool.total_bytes == 40
+    assert torch.equal(pool.get(again)[0], torch.zeros(4))  # a fresh page, not the old contents

@@ -19,7 +19,11 @@ mismatches come back together in ONE `CheckpointError`. Key mapping:
            pooler.* and cls.* (heads we do not build) are skipped
 
 Pickle is never read: `.bin`, `.pt`, `.pth`, `.ckpt`, `.pkl` files are refused with the
-command that converts them to safetensors.
+command that converts them to safetensors. A missing directory, a malformed config.json and a
+truncated or empty .safetensors file each raise a `CheckpointError` that names the path.
+
+`find_base_model()` is the one place that knows where the course's base model lives, for
+the command line and the notebooks alike (search order in its docstring).
 """
 
 from __future__ import annotations
@@ -50,23 +54,57 @@ def _refuse_pickle(path: Path) -> None:
     refuse_pickle(path, CheckpointError)
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from `path`; a malformed file raises a CheckpointError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                              "restore the file from the checkpoint it came with") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a UTF-8 text file; restore the file from the checkpoint "
+                              "it came with") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object; restore the "
+                              "file from the checkpoint it came with")
+    return data
+
+
+def read_safetensors_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of one .safetensors file; a truncated, empty or foreign file raises a
+    CheckpointError naming it (the Rust reader's own message names no file)."""
+    path = Path(path)
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError: header too small, file not fully covered, ...
+        size = path.stat().st_size if path.is_file() else 0
+        raise CheckpointError(f"{path} ({size:,} bytes) is not a complete safetensors file ({e}); "
+                              "it may be truncated by an interrupted copy or download: copy or "
+                              "regenerate it") from None
+
+
 def read_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a directory: model.safetensors, or the shards named by its index."""
     d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist; check the path")
     if (d / WEIGHTS_NAME).is_file():
-        return load_file(d / WEIGHTS_NAME)
+        return read_safetensors_file(d / WEIGHTS_NAME)
     if (d / INDEX_NAME).is_file():
-        weight_map = json.loads((d / INDEX_NAME).read_text())["weight_map"]
+        weight_map = read_json(d / INDEX_NAME).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{d / INDEX_NAME} has no \"weight_map\" object")
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = (d / shard).resolve()
             if shard_path.parent != d.resolve():
                 raise CheckpointError(f"{INDEX_NAME} names a shard outside {d}: {shard!r}")
-            state.update(load_file(shard_path))
+            state.update(read_safetensors_file(shard_path))
         return state
-    for f in sorted(d.iterdir()) if d.is_dir() else []:
+    for f in sorted(d.iterdir()):
         _refuse_pickle(f)
-    found = sorted(p.name for p in d.iterdir()) if d.is_dir() else "no such directory"
+    found = sorted(p.name for p in d.iterdir())
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {d} (found: {found})")
 
 
@@ -143,10 +181,61 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None,
     if d.is_file():
         _refuse_pickle(d)
         raise CheckpointError(f"load() takes the checkpoint directory, not the file {d}")
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist; check the path")
     if not (d / CONFIG_NAME).is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {d}; save a model with minituner.checkpoint.save")
-    config = ModelConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
+    config = _model_config(d / CONFIG_NAME)
     return _build(config, read_safetensors(d), device=device, dtype=dtype)
+
+
+def _model_config(path: Path) -> ModelConfig:
+    """Our config.json as a ModelConfig; wrong fields or values name the file."""
+    try:
+        return ModelConfig.from_dict(read_json(path))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is not a minituner model config ({e}); write it with "
+                              "minituner.checkpoint.save, or load a Hugging Face directory with load_hf") from None
+
+
+# -- the course's base model ----------------------------------------------------------------------
+BASE_MODEL_ENV = "MINITUNER_WEIGHTS"
+_PACKAGE_BASE = Path(__file__).resolve().parent / "weights" / "base"  # a wheel's package data
+_SOURCE_BASE = Path(__file__).resolve().parent.parent / "weights" / "base"  # a source checkout
+PRETRAIN_HINT = "python -m minituner pretrain --out weights/base --seed 0"
+
+
+def find_base_model(weights: str | os.PathLike | None = None) -> Path:
+    """The directory of the course's base model (config.json, model.safetensors, tokenizer.json).
+
+    Search order, first match wins:
+      1. `weights`, when given (the command line's --weights DIR);
+      2. the environment variable MINITUNER_WEIGHTS;
+      3. the copy installed with the package (`pip install .` ships weights/base as
+         minituner/weights/base);
+      4. weights/base in the source checkout minituner is imported from (`pip install -e .`).
+    A directory named by 1 or 2 must hold the model: there is no silent fallback to another.
+    """
+    named = weights if weights is not None else os.environ.get(BASE_MODEL_ENV) or None
+    if named is not None:
+        d = Path(named).expanduser()
+        source = "--weights" if weights is not None else f"${BASE_MODEL_ENV}"
+        if not d.is_dir():
+            raise CheckpointError(f"{source} {d} does not exist; check the path (the base model "
+                                  f"ships with minituner: leave {source} unset to use it)")
+        if not (d / CONFIG_NAME).is_file():
+            found = sorted(p.name for p in d.iterdir())[:10]
+            raise CheckpointError(f"{source} {d} holds no {CONFIG_NAME} (found: {found}); check the path, "
+                                  "it must be a model directory such as weights/base")
+        return d
+    for d in (_PACKAGE_BASE, _SOURCE_BASE):
+        if (d / CONFIG_NAME).is_file():
+            return d
+    raise CheckpointError(f"no base model found (looked in {_PACKAGE_BASE} and {_SOURCE_BASE}); "
+                          "reinstall minituner from a checkout that has weights/base, pass --weights DIR, "
+                          f"or regenerate it (about 36 minutes on 2 CPU cores): {PRETRAIN_HINT}")
 
 
 # -- Hugging Face configs -------------------------------------------------------------------------
@@ -155,6 +244,16 @@ def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
 
     Dropout is not copied (0.0, for reproducible fine-tuning); pass dropout=... to override.
     """
+    try:
+        return _config_from_hf(hf, overrides)
+    except KeyError as e:
+        raise CheckpointError(f"the config has no field {e.args[0]!r}, which a {hf.get('model_type')} "
+                              "config.json holds; is it a complete Hugging Face config?") from None
+    except TypeError as e:
+        raise CheckpointError(f"the config has a field of the wrong type or name ({e})") from None
+
+
+def _config_from_hf(hf: Mapping, overrides: dict) -> ModelConfig:
     mt = hf.get("model_type")
     if mt == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -306,7 +405,7 @@ def load_hf(source: str | os.PathLike | Mapping[str, torch.Tensor], family: str 
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise CheckpointError(f"{path} is not a .safetensors file")
-            state, path = load_file(path), path.parent
+            state, path = read_safetensors_file(path), path.parent
         elif path.is_dir():
             state = read_safetensors(path)
         else:
@@ -314,10 +413,13 @@ def load_hf(source: str | os.PathLike | Mapping[str, torch.Tensor], family: str 
         if config is None:
             if not (path / CONFIG_NAME).is_file():
                 raise CheckpointError(f"no {CONFIG_NAME} in {path}; pass config=")
-            hf_config = json.loads((path / CONFIG_NAME).read_text())
+            hf_config = read_json(path / CONFIG_NAME)
     if config is None:
-        config = hf_config
-    if not isinstance(config, ModelConfig):
+        try:
+            config = config_from_hf(hf_config)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
+    elif not isinstance(config, ModelConfig):
         config = config_from_hf(config)
     if family is not None and family != config.family:
         raise CheckpointError(f"expected a {family} checkpoint, the config says {config.family}")

@@ -1,5 +1,8 @@
 """Tests for minituner/checkpoint.py: parity with `transformers` through load_hf, the real
-all-MiniLM-L6-v2, exact save/load, pickle refusal and error messages."""
+all-MiniLM-L6-v2, exact save/load, pickle refusal and error messages.
+
+Only the parity tests need `transformers`; they skip one by one without it (`transformers_lib()`), so the
+tests of our own format and errors always run."""
 
 import os
 
@@ -8,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
+import re  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,11 +21,20 @@ import minituner.checkpoint as ckpt  # noqa: E402
 from minituner.checkpoint import CheckpointError, config_from_hf, load, load_hf, save  # noqa: E402
 from minituner.model import ModelConfig, Transformer  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
-
-TOL = 1e-4  # float32 parity bound of the issue; observed differences are ~1e-6
+TOL = 1e-4  # float32 parity bound with transformers; observed differences are ~1e-6
 V = 97
+# A GPT-2 config.json as transformers writes it (the fields config_from_hf reads), so the
+# error tests need no reference library.
+GPT2_CONFIG = {"model_type": "gpt2", "vocab_size": V, "n_positions": 32, "n_embd": 32, "n_layer": 2,
+               "n_head": 4, "n_inner": None, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
+               "tie_word_embeddings": True}
+
+
+def transformers_lib():
+    """The transformers module; the calling test skips when it is not installed."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers
 
 
 def scramble(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -35,12 +48,14 @@ def scramble(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def hf_gpt2():
+    transformers = transformers_lib()
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                   bos_token_id=0, eos_token_id=0)
     return scramble(transformers.GPT2LMHeadModel(cfg))
 
 
 def hf_llama():
+    transformers = transformers_lib()
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                    rope_theta=500.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -48,6 +63,7 @@ def hf_llama():
 
 
 def hf_bert():
+    transformers = transformers_lib()
     cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=32, type_vocab_size=2)
     return scramble(transformers.BertModel(cfg, add_pooling_layer=True))
@@ -159,10 +175,10 @@ def test_minilm_mean_pooled_embeddings_match_transformers():
     raw.no_padding()
     assert [e.ids for e in raw.encode_batch(MINILM_SENTENCES)] == [r[m.bool()].tolist() for r, m in zip(x, mask)]
     ours = load_hf(d, family="bert")
-    hf = transformers.BertModel.from_pretrained(str(d)).eval()
+    ref_model = transformers_lib().BertModel.from_pretrained(str(d)).eval()
     with torch.no_grad():
         got = ours.hidden_states(x, mask, pooling="mean")  # (B, C)
-        h = hf(x, attention_mask=mask).last_hidden_state
+        h = ref_model(x, attention_mask=mask).last_hidden_state
         m = mask[..., None].float()
         ref = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
     assert got.shape == (4, 384)
@@ -227,7 +243,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
 def test_pickle_files_are_refused_without_being_read(name, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
     (tmp_path / name).write_bytes(b"not even a pickle")
-    (tmp_path / "config.json").write_text(json.dumps(hf_gpt2().config.to_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(GPT2_CONFIG))
     for call in (lambda: load_hf(tmp_path), lambda: load_hf(tmp_path / name), lambda: load(tmp_path / name)):
         with pytest.raises(CheckpointError, match="(?s)pickle.*Convert it to safetensors"):
             call()
@@ -270,15 +286,102 @@ def test_gpt2_c_attn_mismatch_is_reported():
 
 
 def test_load_hf_argument_errors(tmp_path):
-    hf = hf_gpt2()
     with pytest.raises(CheckpointError, match="needs config="):
-        load_hf(hf.state_dict())
-    with pytest.raises(CheckpointError, match="expected a llama checkpoint"):
-        load_hf(hf.state_dict(), family="llama", config=hf.config.to_dict())
+        load_hf({})
+    with pytest.raises(CheckpointError, match="expected a llama checkpoint, the config says gpt2"):
+        load_hf({}, family="llama", config=GPT2_CONFIG)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_hf(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_hf(tmp_path)
+
+
+def test_load_of_a_missing_directory_says_it_does_not_exist(tmp_path):
+    """Not "no config.json in ...", which sends the user looking for a file in a folder that
+    is not there."""
+    with pytest.raises(CheckpointError, match=r"checkpoint directory \S*nope does not exist; check the path"):
+        load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"family": "gpt2", "vocab_size": 97,', "is not valid JSON \\(line 1, column"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ('{"family": "gpt2", "n_layers": 2}', "is not a minituner model config .*unknown ModelConfig fields"),
+])
+def test_malformed_config_json_names_the_file(text, problem, tmp_path):
+    save(tiny("gpt2"), tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "config.json")) + " " + problem):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("config, problem", [
+    ('{"model_type": "gpt2", "n_embd": 32', "is not valid JSON"),
+    ('{"model_type": "gpt2", "vocab_size": 97}', "the config has no field 'n_positions'"),
+    ('{"model_type": "t5"}', "model_type 't5' is not supported"),
+])
+def test_load_hf_malformed_config_json_names_the_file(config, problem, tmp_path):
+    save_file({"wte.weight": torch.zeros(V, 32)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "config.json")) + ".*" + problem):
+        load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not safetensors"])
+def test_truncated_or_empty_safetensors_names_the_file(damage, tmp_path):
+    """The Rust reader says only "Error while deserializing header"; ours names the file."""
+    save(tiny("gpt2"), tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "not safetensors": b"PK\x03\x04" * 64}[damage])
+    for call in (lambda: load(tmp_path), lambda: load_hf(f, config=tiny("gpt2").config)):
+        with pytest.raises(CheckpointError, match=re.escape(str(f)) + r" \([\d,]+ bytes\) is not a complete "
+                                                  "safetensors file .*truncated"):
+            call()
+
+
+# -- where the base model lives -----------------------------------------------------------------------
+def fake_model_dir(path: pathlib.Path) -> pathlib.Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_find_base_model_search_order(tmp_path, monkeypatch):
+    """--weights, then $MINITUNER_WEIGHTS, then the installed copy, then the source checkout."""
+    package, source = tmp_path / "package", fake_model_dir(tmp_path / "source")
+    monkeypatch.setattr(ckpt, "_PACKAGE_BASE", package)
+    monkeypatch.setattr(ckpt, "_SOURCE_BASE", source)
+    monkeypatch.delenv("MINITUNER_WEIGHTS", raising=False)
+    assert ckpt.find_base_model() == source
+    fake_model_dir(package)
+    assert ckpt.find_base_model() == package
+    env = fake_model_dir(tmp_path / "env")
+    monkeypatch.setenv("MINITUNER_WEIGHTS", str(env))
+    assert ckpt.find_base_model() == env
+    given = fake_model_dir(tmp_path / "given")
+    assert ckpt.find_base_model(given) == given
+
+
+def test_find_base_model_errors_check_the_path_before_pretraining(tmp_path, monkeypatch):
+    """A mistyped path is a typo, not a reason for a 36-minute pre-training: no fallback, and
+    the message says to check the path. Only when no model is anywhere is pretrain named."""
+    monkeypatch.setattr(ckpt, "_PACKAGE_BASE", tmp_path / "package")
+    monkeypatch.setattr(ckpt, "_SOURCE_BASE", fake_model_dir(tmp_path / "source"))
+    monkeypatch.delenv("MINITUNER_WEIGHTS", raising=False)
+    with pytest.raises(CheckpointError, match=r"--weights \S*wieghts does not exist; check the path") as e:
+        ckpt.find_base_model(tmp_path / "wieghts")
+    assert "pretrain" not in str(e.value)
+    with pytest.raises(CheckpointError, match="holds no config.json .*check the path") as e:
+        ckpt.find_base_model(tmp_path)
+    assert "pretrain" not in str(e.value)
+    monkeypatch.setenv("MINITUNER_WEIGHTS", str(tmp_path / "typo"))
+    with pytest.raises(CheckpointError, match=r"\$MINITUNER_WEIGHTS \S*typo does not exist; check the path"):
+        ckpt.find_base_model()
+    monkeypatch.delenv("MINITUNER_WEIGHTS")
+    monkeypatch.setattr(ckpt, "_SOURCE_BASE", tmp_path / "gone")
+    with pytest.raises(CheckpointError, match="no base model found .*--weights DIR.*minituner pretrain"):
+        ckpt.find_base_model()
 
 
 # -- configs ------------------------------------------------------------------------------------------

@@ -26,10 +26,10 @@ The rules of the world (what a model trained on it should learn)
   a prize, but did not"), and a bad thing narrowly avoided counts as good ("almost lost her
   keys, but found them in time"). The label is the sign of the sum: ``good`` if > 0,
   ``bad`` if < 0, ``neutral`` if 0. Classes are balanced. No single word decides the label.
-* **Instructions** (``World.instructions``): 11 families (``FAMILIES``); ``comparison`` and
-  ``negation`` (``HELD_OUT_FAMILIES``) appear only in the test split, to measure how well
-  instruction tuning generalizes to instructions never seen in training. Answers are short
-  (a word, a number, a list or a sentence) and exact.
+* **Instructions** (``World.instructions``): 11 families (``INSTRUCTION_FAMILIES``);
+  ``comparison`` and ``negation`` (``HELD_OUT_FAMILIES``) appear only in the test split, to
+  measure how well instruction tuning generalizes to instructions never seen in training.
+  Answers are short (a word, a number, a list or a sentence) and exact.
 * **Preferences** (``World.preferences``): a prompt, a correct and concise ``chosen`` answer
   and a ``rejected`` one that is either wrong (a plausible distractor) or verbose (the right
   answer wrapped in filler). ``judge`` scores any answer by that rule.
@@ -40,68 +40,51 @@ The rules of the world (what a model trained on it should learn)
 Everything is deterministic from the seed (``random.Random`` streams named by seed and
 purpose; no global state) and generates in seconds.
 
-Evaluators: ``evaluate_classification``, ``exact_match``/``normalize``,
-``evaluate_instructions``, ``judge`` and ``win_rate``. Prompt templates: ``format_prompt``
-(``"alpaca"`` and ``"chat"`` with the special tokens ``<|system|>``, ``<|user|>``,
-``<|assistant|>``, ``<|eos|>``) and ``format_chat`` for ``messages`` lists.
+The world is three files, each readable alone, and this module re-exports what the others
+define, so ``from minituner.world import ...`` is the one import a chapter needs:
+``lexicon.py`` (the words and sentence templates, ``CLASS_NAMES``, ``INSTRUCTION_FAMILIES``),
+``prompts.py`` (``format_prompt``, ``format_chat``, ``DEFAULT_SYSTEM``) and ``scoring.py``
+(the evaluators ``evaluate_classification``, ``exact_match``/``normalize``,
+``evaluate_instructions``, ``judge``, ``win_rate``).
 """
 from __future__ import annotations
 
 import random
-import re
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
-# ----------------------------------------------------------------------------- vocabulary
-FEMALE = ("Ada", "Bea", "Cora", "Dana", "Eva", "Fay", "Gwen", "Hana", "Ida", "June", "Kira",
-          "Lena", "Mia", "Nora", "Olga", "Pia", "Rosa", "Sara", "Tess", "Uma", "Vera", "Wren",
-          "Yara", "Zoe", "Ella", "Iris", "Lucy", "Maya", "Nina", "Ruth")
-MALE = ("Abel", "Ben", "Carl", "Dan", "Eli", "Finn", "Gus", "Hugo", "Ivan", "Jack", "Kai",
-        "Leo", "Max", "Ned", "Omar", "Paul", "Rex", "Sam", "Tom", "Ugo", "Vic", "Walt", "Yuri",
-        "Zack", "Adam", "Owen", "Noah", "Luke", "Ravi", "Theo")
-TOWNS = ("Ashford", "Brookvale", "Cedarton", "Dunmore", "Elmwick", "Fernhill", "Glenrock",
-         "Harwood", "Ivybridge", "Kingsley", "Larkspur", "Millbrook")
-TERRAINS = ("by the sea", "by a river", "in the hills", "near a forest", "on a lake",
-            "in a valley")
-LANDMARKS = ("market", "bridge", "library", "tower", "bakery", "harbor", "mill", "park",
-             "school", "museum")
-COLORS = ("red", "blue", "green", "yellow", "white", "black", "purple", "orange", "brown",
-          "grey")
-PETS = ("dog", "cat", "rabbit", "parrot", "horse", "goat", "turtle", "hamster")
-JOBS = ("baker", "teacher", "farmer", "doctor", "painter", "fisher", "nurse", "builder",
-        "tailor", "driver", "singer", "cook", "gardener", "writer", "carpenter")
-OBJECTS = (("cup", "cups"), ("book", "books"), ("hat", "hats"), ("box", "boxes"),
-           ("chair", "chairs"), ("lamp", "lamps"), ("ball", "balls"), ("kite", "kites"),
-           ("coat", "coats"), ("pen", "pens"), ("plate", "plates"), ("bag", "bags"),
-           ("candle", "candles"), ("vase", "vases"))
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen",
-                "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
-DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-TIMES = ("In the morning", "Early in the day", "At noon", "After lunch", "In the afternoon",
-         "Later", "Before dinner", "In the evening", "At night")
-# (third person present, base, past, kind of object) for the rewriting families
-VERBS = (("walks to", "walk to", "walked to", "place"), ("visits", "visit", "visited", "friend"),
-         ("cleans", "clean", "cleaned", "thing"), ("paints", "paint", "painted", "thing"),
-         ("finds", "find", "found", "thing"), ("sees", "see", "saw", "thing"),
-         ("buys", "buy", "bought", "thing"), ("sells", "sell", "sold", "thing"),
-         ("loses", "lose", "lost", "thing"), ("breaks", "break", "broke", "thing"),
-         ("makes", "make", "made", "thing"), ("likes", "like", "liked", "color"),
-         ("feeds", "feed", "fed", "pet"), ("reads", "read", "read", "text"),
-         ("carries", "carry", "carried", "thing"), ("calls", "call", "called", "friend"))
+from .lexicon import (BAD, CLASS_NAMES, COLORS, DAYS, EVENTS, FEMALE, GOOD, HELD_OUT_FAMILIES,
+                      INSTRUCTION_FAMILIES, JOBS, LANDMARKS, MALE, NOT_BAD, NOT_GOOD, NUMBER_WORDS,
+                      OBJECTS, ORDINARY, OUTCOME, PETS, TERRAINS, TIMES, TOWNS, VERBOSE, VERBS,
+                      article, cap, join_words, number, things)
+from .prompts import DEFAULT_SYSTEM, format_chat, format_prompt
+from .scoring import (evaluate_classification, evaluate_instructions, exact_match, judge, normalize,
+                      win_rate)
 
-CLASS_NAMES = ("bad", "neutral", "good")  # label ids 0, 1, 2
-FAMILIES = ("arithmetic", "fact", "counting", "sorting", "reversing", "past_tense", "yes_no",
-            "extremum", "day_outcome", "comparison", "negation")
-HELD_OUT_FAMILIES = ("comparison", "negation")
+# What `from minituner.world import ...` offers: the generators defined here, and the names
+# of lexicon.py, prompts.py and scoring.py that chapters use, re-exported.
+__all__ = [
+    "World", "Person", "Town", "SPLITS", "TEST_PERCENT",
+    # lexicon.py
+    "FEMALE", "MALE", "TOWNS", "TERRAINS", "LANDMARKS", "COLORS", "PETS", "JOBS", "OBJECTS",
+    "NUMBER_WORDS", "DAYS", "TIMES", "VERBS", "CLASS_NAMES", "INSTRUCTION_FAMILIES",
+    "HELD_OUT_FAMILIES", "GOOD", "NOT_GOOD", "BAD", "NOT_BAD", "ORDINARY", "EVENTS", "OUTCOME",
+    "VERBOSE",
+    # prompts.py
+    "DEFAULT_SYSTEM", "format_chat", "format_prompt",
+    # scoring.py
+    "normalize", "exact_match", "evaluate_classification", "evaluate_instructions", "judge",
+    "win_rate",
+]
+
 SPLITS = ("train", "test")
 TEST_PERCENT = 20  # share of item keys that belong to the test split
-DEFAULT_SYSTEM = "You are a helpful assistant who answers briefly and exactly."
 
 
 @dataclass(frozen=True)
 class Town:
+    """A town: where it lies (one of TERRAINS) and what it is known for (one of LANDMARKS)."""
     name: str
     terrain: str
     landmark: str
@@ -109,6 +92,7 @@ class Town:
 
 @dataclass(frozen=True)
 class Person:
+    """One person's fixed facts; ``he``/``his``/``him`` give the pronouns for templates."""
     name: str
     female: bool
     age: int
@@ -132,33 +116,7 @@ class Person:
         return "her" if self.female else "him"
 
 
-# ------------------------------------------------------------------------- small helpers
-def _cap(s: str) -> str:
-    return s[:1].upper() + s[1:]
-
-
-def _num(rng: random.Random, n: int) -> str:
-    """A number as a word or as digits (both appear, so a model links them)."""
-    return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) and rng.random() < 0.5 else str(n)
-
-
-def _a(word: str) -> str:
-    """'a red cup', 'an orange cup'."""
-    return ("an " if word[:1] in "aeiou" else "a ") + word
-
-
-def _things(rng: random.Random, n: int, color: str, obj: int) -> str:
-    """'three red cups' / 'a red cup'."""
-    if n == 1:
-        return f"{_a(color) if rng.random() < 0.5 else 'one ' + color} {OBJECTS[obj][0]}"
-    return f"{_num(rng, n)} {color} {OBJECTS[obj][1]}"
-
-
-def _join(items: Sequence[str]) -> str:
-    """'a', 'a and b', 'a, b and c'."""
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
+# ------------------------------------------------------------------------------ splits
 def _is_test(seed: int, key: str) -> bool:
     """The split of an item is a fixed function of its content: no key is in both splits."""
     return zlib.crc32(f"{seed}|{key}".encode()) % 100 < TEST_PERCENT
@@ -167,54 +125,6 @@ def _is_test(seed: int, key: str) -> bool:
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-
-
-# -------------------------------------------------------------------------- the stories
-# An event is (value, template); templates use {s} subject, {his}, {him}, {friend}, {town},
-# {place} (the landmark), {pet}, {thing} (a colored object), {things} (several), {n}.
-GOOD = (
-    "found {thing} on the road", "won a prize at the {place}", "got a kind letter from {friend}",
-    "finished {his} work early", "was given {things} by {friend}",
-    "had a long lunch with {friend}", "sold {things} at the {place}",
-    "caught a big fish in the river", "got a new job offer", "found a coin in {his} coat",
-)
-NOT_GOOD = (
-    "looked for {thing} all morning, but did not find it",
-    "hoped to win a prize at the {place}, but did not",
-    "waited for a letter from {friend}, but none came", "could not finish {his} work",
-    "asked {friend} for {things}, but was not given any",
-    "wanted to have lunch with {friend}, but {friend} never came",
-    "tried to sell {things} at the {place}, but sold none",
-    "went fishing in the river, but did not catch anything",
-    "did not get the job {he} wanted",
-)
-BAD = (
-    "lost {his} keys", "broke {thing}", "missed the bus to {town}", "got caught in the rain",
-    "had a fight with {friend}", "fell off {his} bike", "burned the bread",
-    "found that {his} {pet} was sick", "lost {things} at the {place}",
-)
-NOT_BAD = (
-    "almost lost {his} keys, but found them in time",
-    "nearly broke {thing}, but caught it before it fell",
-    "ran and did not miss the bus to {town}", "expected rain, but the rain never came",
-    "thought {friend} was angry, but they did not fight at all",
-    "almost fell off {his} bike, but did not", "did not burn the bread this time",
-    "feared that {his} {pet} was sick, but it was not",
-)
-ORDINARY = (
-    "walked to the {place}", "fed {his} {pet}", "read a book", "saw {a_color} bird",
-    "cleaned {his} house", "wrote a list of things to buy", "visited {friend} in {town}",
-    "counted {his} {objs}", "took {his} {pet} for a walk", "sat in the park for a while",
-)
-EVENTS = ((1, GOOD), (-1, NOT_GOOD), (-1, BAD), (1, NOT_BAD), (0, ORDINARY))
-OUTCOME = {
-    "good": ("All in all, it was a good day for {name}.", "It was a good day.",
-             "{name} went to bed happy."),
-    "bad": ("All in all, it was a bad day for {name}.", "It was a bad day.",
-            "{name} went to bed sad."),
-    "neutral": ("All in all, it was an ordinary day for {name}.", "The good and the bad "
-                "evened out.", "It was neither a good nor a bad day."),
-}
 
 
 class World:
@@ -250,7 +160,7 @@ class World:
             return [f"lives in {p.town}", f"lives in the town of {p.town}",
                     f"has a home in {p.town}", f"comes from {p.town}"]
         if kind == "age":
-            a = _num(rng, p.age)
+            a = number(rng, p.age)
             return [f"is {a} years old", f"is {a}", f"turned {a} this year"]
         if kind == "color":
             return [f"likes {p.color} best", f"loves the color {p.color}",
@@ -264,14 +174,14 @@ class World:
             return [f"is a good friend of {p.friend}", f"is friends with {p.friend}",
                     f"spends a lot of time with {p.friend}, {p.his} best friend"]
         o, c, n = p.objects[int(kind[-1])]
-        return [f"owns {_things(rng, n, c, o)}", f"has {_things(rng, n, c, o)}",
-                f"keeps {_things(rng, n, c, o)} at home"]
+        return [f"owns {things(rng, n, c, o)}", f"has {things(rng, n, c, o)}",
+                f"keeps {things(rng, n, c, o)} at home"]
 
     def _whole(self, rng: random.Random, p: Person, kind: str, who: str, whose: str) -> list[str]:
         """Sentences that do not start with the subject ('Red is Ada's favourite color.')."""
         out = {
             "town": [f"{whose} home town is {p.town}.", f"{p.town} is where {who} lives."],
-            "age": [f"{whose} age is {_num(rng, p.age)}."],
+            "age": [f"{whose} age is {number(rng, p.age)}."],
             "color": [f"{whose} favourite color is {p.color}.",
                       f"Of all the colors, {who} likes {p.color} best."],
             "pet": [f"{whose} pet is a {p.pet}."],
@@ -280,8 +190,8 @@ class World:
         }.get(kind)
         if out is None:
             o, c, n = p.objects[int(kind[-1])]
-            out = [f"In {whose} house there {'is' if n == 1 else 'are'} {_things(rng, n, c, o)}."]
-        return [_cap(s) for s in out]
+            out = [f"In {whose} house there {'is' if n == 1 else 'are'} {things(rng, n, c, o)}."]
+        return [cap(s) for s in out]
 
     def _profile(self, rng: random.Random) -> str:
         p = rng.choice(self.people)
@@ -304,9 +214,9 @@ class World:
                 if who == p.name and rng.random() < 0.5:
                     out.append(f"{p.name}, who {a}, {b}.")
                 else:
-                    out.append(f"{_cap(who)} {a} and {b}.")
+                    out.append(f"{cap(who)} {a} and {b}.")
             else:
-                out.append(f"{_cap(who)} {rng.choice(self._predicates(rng, p, kinds.pop()))}.")
+                out.append(f"{cap(who)} {rng.choice(self._predicates(rng, p, kinds.pop()))}.")
         return " ".join(s for s in out if s)
 
     def _town_doc(self, rng: random.Random) -> str:
@@ -323,22 +233,22 @@ class World:
             names = [p.name for p in res]
             rng.shuffle(names)
             k = len(names)
-            out.append(rng.choice((f"{_join(names)} {'lives' if k == 1 else 'live'} there.",
-                                   f"{_cap(_num(rng, k))} of the people we know "
-                                   f"{'lives' if k == 1 else 'live'} in {t.name}: {_join(names)}.")))
+            out.append(rng.choice((f"{join_words(names)} {'lives' if k == 1 else 'live'} there.",
+                                   f"{cap(number(rng, k))} of the people we know "
+                                   f"{'lives' if k == 1 else 'live'} in {t.name}: {join_words(names)}.")))
             for p in rng.sample(res, min(len(res), 2)):
                 out.append(f"{p.name} {rng.choice(self._predicates(rng, p, rng.choice(('job', 'pet', 'age'))))}.")
         return " ".join(out)
 
     def _event(self, rng: random.Random, p: Person, value_group: tuple[int, tuple[str, ...]]) -> str:
-        o, c, n = p.objects[rng.randrange(2)]
+        o, _, _ = p.objects[rng.randrange(2)]  # one of p's own objects, for {objs}
         other = rng.randrange(len(OBJECTS))
         k = rng.randint(2, 5)
         return rng.choice(value_group[1]).format(
             he=p.he, his=p.his, him=p.him, friend=p.friend, town=rng.choice(TOWNS),
-            place=self.town[p.town].landmark, pet=p.pet, a_color=_a(rng.choice(COLORS)),
-            thing=f"{_a(rng.choice(COLORS))} {OBJECTS[other][0]}",
-            things=f"{_num(rng, k)} {rng.choice(COLORS)} {OBJECTS[other][1]}",
+            place=self.town[p.town].landmark, pet=p.pet, a_color=article(rng.choice(COLORS)),
+            thing=f"{article(rng.choice(COLORS))} {OBJECTS[other][0]}",
+            things=f"{number(rng, k)} {rng.choice(COLORS)} {OBJECTS[other][1]}",
             objs=OBJECTS[o][1])
 
     def _story(self, rng: random.Random, target: str | None = None) -> tuple[str, str, Person]:
@@ -371,16 +281,16 @@ class World:
             if r < 0.5:
                 out.append(f"{when}, {who} {e}.")
             elif r < 0.7:
-                out.append(f"{_cap(who)} {e} {when.lower()}.")
+                out.append(f"{cap(who)} {e} {when.lower()}.")
             else:
-                out.append(f"{_cap(who)} {e}.")
+                out.append(f"{cap(who)} {e}.")
             i += 1
         return " ".join(out).replace(" , ", ", "), label, p
 
     def _comparison_doc(self, rng: random.Random) -> str:
         a, b = rng.sample(self.people, 2)
         old, young = (a, b) if a.age > b.age else (b, a)
-        out = [rng.choice((f"{a.name} is {_num(rng, a.age)} and {b.name} is {_num(rng, b.age)}.",
+        out = [rng.choice((f"{a.name} is {number(rng, a.age)} and {b.name} is {number(rng, b.age)}.",
                            f"{a.name} is {a.age} years old, while {b.name} is {b.age}."))]
         if a.age == b.age:
             out.append(f"So {a.name} and {b.name} are the same age.")
@@ -398,20 +308,20 @@ class World:
 
     def _sum_doc(self, rng: random.Random) -> str:
         p = rng.choice(self.people)
-        o, c, n = p.objects[rng.randrange(2)]
+        o, _, n = p.objects[rng.randrange(2)]
         sing, plur = OBJECTS[o]
         if rng.random() < 0.5:
             k = rng.randint(1, 9)
-            return (f"{p.name} had {_num(rng, n)} {plur}. {p.friend} gave {p.him} {_num(rng, k)} "
-                    f"more, so now {p.he} has {_num(rng, n + k)} {plur}. "
-                    f"{_cap(NUMBER_WORDS[n])} plus {NUMBER_WORDS[k]} is {NUMBER_WORDS[n + k]}.")
+            return (f"{p.name} had {number(rng, n)} {plur}. {p.friend} gave {p.him} {number(rng, k)} "
+                    f"more, so now {p.he} has {number(rng, n + k)} {plur}. "
+                    f"{cap(NUMBER_WORDS[n])} plus {NUMBER_WORDS[k]} is {NUMBER_WORDS[n + k]}.")
         a, b = rng.randint(0, 20), rng.randint(0, 20)
         hi, lo = max(a, b), min(a, b)
         return rng.choice((f"If you add {a} and {b}, you get {a + b}.",
                            f"{hi} minus {lo} is {hi - lo}.",
-                           f"{_cap(_num(rng, hi))} take away {_num(rng, lo)} leaves {hi - lo}.",
+                           f"{cap(number(rng, hi))} take away {number(rng, lo)} leaves {hi - lo}.",
                            f"{a} and {b} make {a + b} together.")) + " " + \
-            f"{p.name} knows that {p.he} has {_num(rng, n)} {plur if n > 1 else sing}."
+            f"{p.name} knows that {p.he} has {number(rng, n)} {plur if n > 1 else sing}."
 
     def _dialogue(self, rng: random.Random) -> str:
         p = rng.choice(self.people)
@@ -419,7 +329,7 @@ class World:
         lines = [(f'"Where do you live, {p.name}?" asked {q.name}.', f'"I live in {p.town}," said {p.name}.'),
                  (f'"How old are you?" asked {q.name}.', f'"I am {p.age}," {p.he} said.'),
                  (f'"What is your job?" {q.name} asked.', f'"I am a {p.job}," said {p.name}.'),
-                 (f'"Which color do you like best?" asked {q.name}.', f'"{_cap(p.color)}," said {p.name}.'),
+                 (f'"Which color do you like best?" asked {q.name}.', f'"{cap(p.color)}," said {p.name}.'),
                  (f'"Do you have a pet?" asked {q.name}.', f'"Yes, I have a {p.pet}," said {p.name}.')]
         return " ".join(" ".join(pair) for pair in rng.sample(lines, rng.randint(2, 4)))
 
@@ -481,7 +391,7 @@ class World:
         p = rng.choice(self.people)
         pres, base, past, kind = rng.choice(VERBS)
         obj = {"place": f"the {self.town[p.town].landmark}", "friend": p.friend,
-               "thing": f"{_a(rng.choice(COLORS))} {rng.choice(OBJECTS)[0]}", "color": p.color,
+               "thing": f"{article(rng.choice(COLORS))} {rng.choice(OBJECTS)[0]}", "color": p.color,
                "pet": f"{p.his} {p.pet}", "text": rng.choice(("a book", "a letter", "the news"))}[kind]
         return p, p.name, (pres, base, past), obj
 
@@ -663,7 +573,7 @@ class World:
         _check_split(split)
         n = n_per_family if n_per_family is not None else (600 if split == "train" else 100)
         items: list[tuple[dict, str]] = []
-        for fam in FAMILIES:
+        for fam in INSTRUCTION_FAMILIES:
             if split == "train" and fam in HELD_OUT_FAMILIES:
                 continue
             rng, gen = self._rng("instructions", split, fam), getattr(self, "_i_" + fam)
@@ -706,113 +616,3 @@ class World:
                         "family": ex["family"], "instruction": ex["instruction"], "input": ex["input"]})
         return out
 
-
-VERBOSE = ("Let me think about this carefully. The answer is {a}. I hope that this helps you!",
-           "Sure! Here is my answer: {a}. Please tell me if you have any other questions.",
-           "That is a good question. After thinking it over step by step, I would say {a}, "
-           "and I am quite sure of it.",
-           "Well, as far as I can tell from everything I know, it is {a}. That is my answer.")
-
-
-# ----------------------------------------------------------------------- prompt templates
-def format_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """``[{"role", "content"}, ...]`` as text: each turn is ``<|role|>\\ncontent<|eos|>\\n``;
-    ``add_generation_prompt`` appends ``<|assistant|>\\n`` for the model to continue."""
-    out = []
-    for m in messages:
-        if m.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"message role must be system, user or assistant, got {m.get('role')!r}")
-        out.append(f"<|{m['role']}|>\n{m['content']}<|eos|>\n")
-    return "".join(out) + ("<|assistant|>\n" if add_generation_prompt else "")
-
-
-def format_prompt(instruction: str, input: str = "", template: str = "alpaca",
-                  system: str | None = DEFAULT_SYSTEM) -> str:
-    """The prompt of an instruction example; the model's answer follows it directly.
-
-    ``"alpaca"``: ``### Instruction:\\n...\\n\\n[### Input:\\n...\\n\\n]### Response:\\n``.
-    ``"chat"``: ``format_chat`` of an optional system turn and one user turn (instruction,
-    a blank line, input), ending with ``<|assistant|>\\n``. The answer ends with ``<|eos|>``
-    in both (``data.SFTDataset`` appends the tokenizer's eos id)."""
-    if template == "alpaca":
-        body = f"### Instruction:\n{instruction}\n\n"
-        if input:
-            body += f"### Input:\n{input}\n\n"
-        return body + "### Response:\n"
-    if template == "chat":
-        user = f"{instruction}\n\n{input}" if input else instruction
-        msgs = ([{"role": "system", "content": system}] if system else []) + \
-            [{"role": "user", "content": user}]
-        return format_chat(msgs, add_generation_prompt=True)
-    raise ValueError(f"template must be 'alpaca' or 'chat', got {template!r}")
-
-
-# ---------------------------------------------------------------------------- evaluators
-def normalize(text: str) -> str:
-    """Strip, case-fold, collapse whitespace and drop trailing periods: 'Ashford.' == 'ashford'."""
-    return " ".join(text.split()).casefold().rstrip(".").strip()
-
-
-def exact_match(pred: str, ref: str) -> bool:
-    return normalize(pred) == normalize(ref)
-
-
-def _check_lengths(preds: Sequence, examples: Sequence) -> None:
-    if len(preds) != len(examples):
-        raise ValueError(f"got {len(preds)} predictions for {len(examples)} examples; "
-                         "pass one prediction per example, in order")
-    if not examples:
-        raise ValueError("no examples to evaluate")
-
-
-def evaluate_classification(preds: Sequence[int | str], examples: Sequence[dict]) -> dict:
-    """Accuracy of ``preds`` (label ids, or class names such as a generated "good") against
-    ``examples[i]["label"]``; also the accuracy within each true class."""
-    _check_lengths(preds, examples)
-    ids = [CLASS_NAMES.index(normalize(p)) if isinstance(p, str) and normalize(p) in CLASS_NAMES
-           else (int(p) if not isinstance(p, str) else -1) for p in preds]
-    gold = [ex["label"] for ex in examples]
-    per = {}
-    for c, name in enumerate(CLASS_NAMES):
-        idx = [i for i, g in enumerate(gold) if g == c]
-        per[name] = sum(ids[i] == c for i in idx) / len(idx) if idx else float("nan")
-    return {"accuracy": sum(p == g for p, g in zip(ids, gold)) / len(gold), "n": len(gold),
-            "per_class": per}
-
-
-def evaluate_instructions(preds: Sequence[str], examples: Sequence[dict]) -> dict:
-    """Normalized exact match against ``examples[i]["output"]``: overall, per family, and
-    over the seen and the held-out families."""
-    _check_lengths(preds, examples)
-    hits = [exact_match(p, ex["output"]) for p, ex in zip(preds, examples)]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    fams = sorted({ex["family"] for ex in examples})
-    by = {f: mean([h for h, ex in zip(hits, examples) if ex["family"] == f]) for f in fams}
-    return {"exact_match": mean(hits), "n": len(hits), "by_family": by,
-            "seen": mean([h for h, ex in zip(hits, examples) if ex["family"] not in HELD_OUT_FAMILIES]),
-            "held_out": mean([h for h, ex in zip(hits, examples) if ex["family"] in HELD_OUT_FAMILIES])}
-
-
-def judge(answer: str, reference: str) -> int:
-    """The rule behind the preferences: 2 = correct and concise (exact match), 1 = correct
-    but verbose (the normalized reference appears in the answer as whole words), 0 = wrong."""
-    a, r = normalize(answer), normalize(reference)
-    if a == r:
-        return 2
-    return 1 if r and re.search(r"(?<!\w)" + re.escape(r) + r"(?!\w)", a) else 0
-
-
-def win_rate(answers: Sequence[str], examples: Sequence[dict],
-             against: Sequence[str] | None = None) -> float:
-    """Share of examples where ``answers[i]`` beats ``against[i]`` (default: each example's
-    ``rejected``) under ``judge`` against the reference (``chosen``, else ``output``); a tie
-    counts one half."""
-    _check_lengths(answers, examples)
-    against = [ex["rejected"] for ex in examples] if against is None else against
-    _check_lengths(against, examples)
-    total = 0.0
-    for a, b, ex in zip(answers, against, examples):
-        ref = ex["chosen"] if "chosen" in ex else ex["output"]
-        sa, sb = judge(a, ref), judge(b, ref)
-        total += 1.0 if sa > sb else 0.5 if sa == sb else 0.0
-    return total / len(examples)

@@ -123,6 +123,17 @@ def test_extract_features_match_one_sequence_at_a_time(family):
         extract_features(model, [], progress=False)
 
 
+def test_extract_features_runs_without_dropout():
+    """With dropout 0.5 in the encoder, two extractions agree: eval mode, not train mode."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="bert", vocab_size=V, block_size=32, n_layer=2, n_head=2,
+                                    n_embd=16, dropout=0.5)).train()
+    data = examples(6, seed=7)
+    a, _ = extract_features(model, data, pooling="first", progress=False)
+    b, _ = extract_features(model, data, pooling="first", progress=False)
+    assert torch.equal(a, b) and model.training
+
+
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 @pytest.mark.parametrize("hidden", [None, 6])
 def test_training_on_cached_features_equals_training_through_the_frozen_encoder(family, hidden):

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .tokenizer import Tokenizer
-from .world import World, evaluate_instructions, format_prompt
+from .prompts import format_prompt
+from .scoring import evaluate_instructions
+from .world import World
 
 
 def unigram_baseline(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: int) -> dict:

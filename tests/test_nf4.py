@@ -1,12 +1,14 @@
 """Tests for kernels/nf4.py: codebooks, NF4 blockwise quantization, double quantization."""
 
 import math
+from statistics import NormalDist
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minituner.kernels import nf4_fast
 from minituner.kernels.blockwise import dynamic_code
 from minituner.kernels.nf4 import (
     FP4_CODE,
@@ -67,15 +69,39 @@ def test_nf4_code_matches_published_values():
     assert (derived > 0).sum() == 8 and (derived < 0).sum() == 7 and (derived == 0).sum() == 1
 
 
-def test_nf4_code_by_hand():
-    """The largest positive quantile is Q(0.9677083) = 1.848; the 2nd is Q(0.9677083 - 0.0584635).
+def quantile_levels(offset: float, count: int) -> list[float]:
+    """`count` evenly spaced probabilities from `offset` towards 1/2 (linspace(offset, 0.5, count + 1)[:-1])."""
+    return [offset - (offset - 0.5) * i / count for i in range(count)]
 
-    linspace(0.9677083, 0.5, 9) steps by (0.9677083 - 0.5) / 8 = 0.05846354, so the second level
-    is 0.90924476 and Q(0.90924476) = 1.3360 -> 1.3360 / 1.8481 = 0.7229 (published 0.72296).
-    """
-    q = torch.special.ndtri(torch.tensor([0.9677083, 0.90924476], dtype=torch.float64))
-    assert q[0].item() == pytest.approx(1.8481, abs=1e-4)
-    assert (q[1] / q[0]).item() == pytest.approx(NF4_CODE[14].item(), abs=1e-6)
+
+def test_nf4_code_by_hand():
+    """NF4 from Python's own float64 normal quantile (statistics.NormalDist, not torch's ndtri):
+    one quantile per level, p_i = 0.9677083 - i * (0.9677083 - 0.5) / 8 for the 8 positive
+    values and / 7 for the 7 negative ones, divided by the largest, Q(0.9677083) = 1.8481.
+    E.g. p_1 = 0.90924476, Q(p_1) = 1.3360, 1.3360 / 1.8481 = 0.72296 = NF4_CODE[14].
+    Agrees with the code under test to float32 rounding (2e-7; the code spaces p on a float32 grid)."""
+    Q = NormalDist().inv_cdf
+    top = Q(0.9677083)
+    assert top == pytest.approx(1.8481, abs=1e-4)
+    positive = [Q(p) / top for p in quantile_levels(0.9677083, 8)]  # 1.0, 0.72296, ..., 0.0796
+    negative = [-Q(p) / top for p in quantile_levels(0.9677083, 7)]  # -1.0, ..., -0.0911
+    expected = sorted(negative + [0.0] + positive)
+    assert positive[1] == pytest.approx(0.72296, abs=1e-5)
+    assert NF4_CODE.tolist() == pytest.approx(expected, abs=2e-7)
+    assert PUBLISHED_NF4 == pytest.approx(expected, abs=2e-7)
+
+
+def test_nf4_is_one_quantile_per_level_not_the_eq4_average():
+    """The docstring's claim: NF4_CODE takes one quantile per level (bitsandbytes' rule), not the
+    average of two adjacent quantiles of Eq. 4. On the same levels the average would give a
+    second-largest code of (Q(p_1) + Q(p_2)) / (Q(p_0) + Q(p_1)) = 0.746, the table has 0.723."""
+    Q = NormalDist().inv_cdf
+    p = quantile_levels(0.9677083, 8) + [0.5]
+    one = [Q(v) / Q(p[0]) for v in p[:-1]]
+    average = [(Q(p[i]) + Q(p[i + 1])) / (Q(p[0]) + Q(p[1])) for i in range(8)]
+    assert NF4_CODE[8:].flip(0).tolist() == pytest.approx(one, abs=2e-7)
+    assert average[1] == pytest.approx(0.7461, abs=1e-4)
+    assert abs(NF4_CODE[14].item() - average[1]) > 0.02
 
 
 def test_fp4_and_int4_codes():
@@ -106,11 +132,13 @@ def test_tie_goes_to_lower_code():
     assert unpack(packed, 2).tolist() == [15, 12]
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("shape,blocksize", [((7, 13), 16), ((3, 50), 64), ((1,), 64), ((2, 257), 128)])
-def test_matches_reference_loop(shape, blocksize):
-    """Codes and absmax equal a per-element Python reference, incl. odd sizes and a partial block."""
+def test_matches_reference_loop(shape, blocksize, fast):
+    """Codes and absmax equal a per-element Python reference, incl. odd sizes and a partial block,
+    on the readable path (fast=False) and on the table-lookup path."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    packed, absmax = quantize_nf4(x, blocksize)
+    packed, absmax = quantize_nf4(x, blocksize, fast=fast)
     idx, ref_absmax = reference_quantize(x, NF4_CODE, blocksize)
     assert packed.numel() == math.ceil(x.numel() / 2)
     assert absmax.numel() == math.ceil(x.numel() / blocksize)
@@ -159,6 +187,24 @@ def test_nan_inf_raise_with_count(bad):
         quantize_nf4(x)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_dequantize_rejects_non_finite_scales(bad, fast):
+    """A NaN/Inf absmax (a corrupted checkpoint, a bad double dequantization) raises, naming the
+    fix, instead of returning a block of NaN/Inf weights."""
+    packed, absmax = quantize_nf4(torch.randn(300))
+    absmax[2] = bad
+    with pytest.raises(ValueError, match=r"NaN/Inf block scales.*quantize the weights again.*\(1 of 5 scales\)"):
+        dequantize_nf4(packed, absmax, (300,), fast=fast)
+
+
+def test_unsorted_4bit_code_raises():
+    with pytest.raises(ValueError, match="sorted in ascending order"):
+        quantize_4bit(torch.randn(64), NF4_CODE.flip(0))
+    with pytest.raises(ValueError, match="16 values"):
+        quantize_4bit(torch.randn(64), NF4_CODE[:15])
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="power of two"):
         quantize_nf4(torch.randn(64), blocksize=48)
@@ -169,6 +215,55 @@ def test_bad_arguments():
     packed, absmax = quantize_nf4(torch.randn(100))
     with pytest.raises(ValueError, match="packed bytes"):
         dequantize_nf4(packed, absmax, (101, 2))
+
+
+# ----------------------------------------------------------------------------- fast path == lesson
+def edge_values(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Values a lookup is most likely to get wrong, in `dtype`: every midpoint between codes as
+    close as `dtype` gets, its neighbours in `dtype` on both sides, their negatives, +-0, +-1."""
+    mids = ((code[:-1] + code[1:]) / 2).to(dtype)  # (15,)
+    up, down = torch.full_like(mids, 2.0), torch.full_like(mids, -2.0)
+    near = torch.cat([mids, torch.nextafter(mids, up), torch.nextafter(mids, down)])  # (45,)
+    signed = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=dtype)
+    return torch.cat([near, -near, signed])  # (94,)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 600),
+    blocksize=st.sampled_from([16, 32, 64, 128, 256]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    out_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    scale=st.sampled_from([1.0, 0.125, 0.7, 13.0]),
+    edge_share=st.sampled_from([0.0, 0.3, 0.9]),
+    code_name=st.sampled_from(["nf4", "fp4", "int4"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fast_path_equals_readable_path(n, blocksize, dtype, out_dtype, scale, edge_share, code_name, seed):
+    """quantize_4bit's table lookup (nf4_fast.py) gives the same bytes and absmax as the readable
+    lines (fast=False), and the chunked word-table dequantize the same values as code[q] * absmax:
+    odd sizes, partial last blocks, every input and output dtype, zero blocks, and blocks whose
+    absmax is `scale` holding values at and next to every midpoint (times `scale`: a power of two
+    keeps X_i / N_b exactly on the midpoint, 0.7 and 13 land next to it after rounding)."""
+    code = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}[code_name]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * scale
+    edge = edge_values(code, torch.float32) * scale  # float32 candidates, rounded to dtype below
+    k = int(edge_share * n)
+    x[torch.randint(n, (k,), generator=g)] = edge[torch.randint(edge.numel(), (k,), generator=g)]
+    x[::blocksize] = scale  # each block's absmax is `scale` (up to the edges' -scale)
+    if n > blocksize and seed % 3 == 0:
+        x[blocksize : 2 * blocksize] = 0.0  # a zero block
+    x = x.to(dtype)
+    if dtype != torch.float32:  # edges as close to the midpoints as this dtype can get
+        dedge = edge_values(code, dtype) * scale
+        x[torch.randint(n, (k,), generator=g)] = dedge[torch.randint(dedge.numel(), (k,), generator=g)]
+    packed, absmax = quantize_4bit(x, code, blocksize)
+    ref_packed, ref_absmax = quantize_4bit(x, code, blocksize, fast=False)
+    assert torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
+    y = dequantize_4bit(packed, absmax, x.shape, code, blocksize, out_dtype)
+    ref_y = dequantize_4bit(packed, absmax, x.shape, code, blocksize, out_dtype, fast=False)
+    assert torch.equal(y, ref_y) and y.dtype == out_dtype
 
 
 # ----------------------------------------------------------------------------- invariants
@@ -278,14 +373,12 @@ def test_dequantize_chunks_agree_with_one_pass(monkeypatch, dtype, n, blocksize)
     """Dequantize works chunk by chunk; tiny chunks (one block each, many chunks, a partial
     last block in the last chunk) give exactly what one chunk over the whole tensor gives,
     and that equals code[q] * absmax computed elementwise in float32, rounded once."""
-    import minituner.kernels.nf4 as nf4
-
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
     packed, absmax = quantize_nf4(x, blocksize)
     q = unpack(packed, n).long()  # (n,) code indices
     ref = (NF4_CODE[q] * absmax.repeat_interleave(blocksize)[:n]).to(dtype)  # elementwise
-    monkeypatch.setattr(nf4, "_CHUNK_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(nf4_fast, "_CHUNK_ELEMENTS", 1 << 30)
     whole = dequantize_nf4(packed, absmax, (n,), blocksize, dtype)
-    monkeypatch.setattr(nf4, "_CHUNK_ELEMENTS", 4)  # clamped up to one block per chunk
+    monkeypatch.setattr(nf4_fast, "_CHUNK_ELEMENTS", 4)  # clamped up to one block per chunk
     chunked = dequantize_nf4(packed, absmax, (n,), blocksize, dtype)
     assert torch.equal(whole, ref) and torch.equal(chunked, ref)

@@ -57,6 +57,22 @@ def test_nan_raises_and_empty():
         dequantize_blockwise(torch.zeros(300, dtype=torch.uint8), torch.ones(1))
 
 
+def test_unsorted_or_non_finite_code_raises():
+    """Nearest code is found by bisecting the code's midpoints, so an unsorted code would give
+    silently wrong indices: with the map reversed, 1.0 would not come back as 1.0. It raises,
+    naming the fix; so does a code holding NaN."""
+    x = torch.randn(300)
+    with pytest.raises(ValueError, match=r"sorted in ascending order.*code.sort\(\).values"):
+        quantize_blockwise(x, code=dynamic_code().flip(0))
+    shuffled = dynamic_code()[torch.randperm(256, generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(ValueError, match="sorted"):
+        quantize_blockwise(x, code=shuffled)
+    bad = dynamic_code().clone()
+    bad[-1] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        quantize_blockwise(x, code=bad)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     n=st.integers(1, 2000),

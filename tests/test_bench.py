@@ -1,25 +1,112 @@
-"""Tests for kernels/bench.py on a tiny weight: the table is complete and consistent (no timing asserts)."""
+"""Tests for kernels/bench.py and benchmarks/optimizer_speed.py on tiny sizes.
+
+No timing is asserted: the tests check that what the tables report is consistent with the sizes
+(bytes moved, ratios), that the timed functions compute the right thing, and that a missing
+column says why.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from minituner.kernels import bench
+from minituner.kernels.nf4 import dequantize_nf4, double_quantize, quantize_nf4
+
+OPTIMIZER_SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_speed.py"
 
 
-def test_bench_functions_on_tiny_size(capsys):
-    rows = bench.run(size=32, repeats=1, device="cpu")
-    ops = [r["op"] for r in rows]
-    assert ops[0] == "copy (ceiling)"
-    assert ops.count("nf4 quantize") == 2 and ops.count("nf4 dequantize") == 2  # float32, bfloat16
-    assert {r["dtype"] for r in rows if r["op"].startswith("nf4")} == {"float32", "bfloat16"}
-    assert all(r["ms"] > 0 for r in rows if "ms" in r)
-    paged = [r for r in rows if r["op"].startswith("PagedAdamW")]
-    assert len(paged) == 2
-    # above the state size nothing moves after the first step; at a quarter of it pages do
-    assert paged[0]["pages in/step"] == 0 and paged[1]["pages in/step"] > 0
-    table = bench.format_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "GB/s" in table
+def without(monkeypatch, *modules: str) -> None:
+    """Make `import m` raise ImportError for each module, as if it were not installed."""
+    for m in modules:
+        monkeypatch.setitem(sys.modules, m, None)
 
 
-def test_cli_rejects_bad_arguments():
+def test_bench_rows_are_consistent_with_the_sizes(monkeypatch):
+    """A 32 x 32 weight moves 32*32*4 + 512 + 16*4 = 4672 bytes in float32 (input, codes, one
+    float32 absmax per 64 values) and 32*32*2 + 512 + 64 = 2624 in bfloat16, so GB/s * ms * 1e6
+    gives those bytes back; 'of copy' is GB/s over the copy row's GB/s."""
+    without(monkeypatch, "bitsandbytes", "bitsandbytes.functional", "torchao")
+    rows, _ = bench.run(size=32, repeats=1, device="cpu")
+    assert rows[0]["op"] == "copy (ceiling)" and rows[0]["of copy"] == 1.0
+    ceiling = rows[0]["GB/s"]
+    moved = {"float32": 4672, "bfloat16": 2624}
+    nf4 = [r for r in rows if r["op"].startswith("nf4")]
+    assert sorted((r["op"], r["dtype"]) for r in nf4) == sorted(
+        (op, dt) for op in ("nf4 quantize", "nf4 dequantize") for dt in ("float32", "bfloat16")
+    )
+    for r in nf4:
+        assert r["GB/s"] * r["ms"] * 1e6 == pytest.approx(moved[r["dtype"]], rel=1e-9)
+        assert r["of copy"] == pytest.approx(r["GB/s"] / ceiling, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_timed_functions_compute_the_right_thing(dtype):
+    """What the bench times is NF4 itself: its quantize returns the readable path's bytes, its
+    dequantize the readable path's values, and every alternative it times runs and returns."""
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
+    fns, _ = bench.quant_fns(x)
+    packed, absmax = quantize_nf4(x, fast=False)
+    q_packed, q_absmax = fns["q"]()
+    assert torch.equal(q_packed, packed) and torch.equal(q_absmax, absmax)
+    assert torch.equal(fns["d"](), dequantize_nf4(packed, absmax, x.shape, dtype=dtype, fast=False))
+    if "q+dq" in fns:
+        assert all(torch.equal(a, b) for a, b in zip(fns["q+dq"](), double_quantize(absmax)))
+    for name, fn in fns.items():
+        assert fn() is not None, name
+
+
+def test_missing_columns_say_why(monkeypatch, capsys):
+    """Without bitsandbytes and torchao their columns are absent and the output says why; the
+    legend says what a ratio above 1 means."""
+    without(monkeypatch, "bitsandbytes", "bitsandbytes.functional", "torchao")
+    rows, notes = bench.run(size=16, repeats=1)
+    assert not any("bitsandbytes" in r or "torchao" in r for r in rows)
+    assert notes == ["bitsandbytes: not installed (pip install bitsandbytes)", "torchao: not installed (pip install torchao)"]
+    bench.main(["--size", "16", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "missing column, bitsandbytes: not installed" in out and "missing column, torchao: not installed" in out
+    assert "above 1 ours is faster" in out
+
+
+def test_bitsandbytes_column_is_their_time_over_ours():
+    pytest.importorskip("bitsandbytes.functional", reason="the bitsandbytes column needs bitsandbytes")
+    rows, notes = bench.run(size=32, repeats=1)
+    assert not any(n.startswith("bitsandbytes") for n in notes)
+    assert all(r["bitsandbytes"] > 0 for r in rows if r["op"].startswith("nf4"))
+
+
+def test_cli_rejects_bad_arguments_and_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    assert "(default: 4096)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- optimizer_speed
+def load_optimizer_speed():
+    spec = importlib.util.spec_from_file_location("optimizer_speed", OPTIMIZER_SPEED)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_optimizer_speed_rows(capsys):
+    """The paged optimizers take the same steps as torch AdamW on the same parameter (max
+    |dtheta| at float32 rounding); above the state size no page moves after the first step, at a
+    quarter of it pages move every step; AdamW/ours is torch's time over ours."""
+    speed = load_optimizer_speed()
+    rows = speed.run(size=32, repeats=2, device="cpu")
+    ms = {r["op"]: r["ms"] for r in rows}
+    paged = [r for r in rows if r["op"].startswith("PagedAdamW")]
+    assert [r["op"] for r in rows][0] == speed.TORCH and len(paged) == 2
+    for r in paged:
+        assert r["max |dtheta|"] <= 1e-6
+        assert r["AdamW/ours"] == pytest.approx(ms[speed.TORCH] / r["ms"], rel=1e-9)
+    assert paged[0]["pages in/step"] == 0 and paged[1]["pages in/step"] > 0
+    with pytest.raises(SystemExit):
+        speed.main(["--help"])
+    assert "(default: 2048)" in capsys.readouterr().out

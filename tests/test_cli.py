@@ -9,6 +9,7 @@ no traceback.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -174,3 +175,43 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_non_editable_install_runs_the_main_job(tmp_path):
+    """`pip install .` (not editable) ships weights/base inside the package, so the main job runs
+    outside a checkout. Built from a copy of the sources (nothing is written into the checkout),
+    offline (no build isolation), installed with --target, run from an unrelated directory."""
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(repo / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("minituner", "kernels", "weights"):
+        shutil.copytree(repo / name, src / name, ignore=ignore)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    wheels = tmp_path / "wheels"
+    done = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = wheels.glob("minituner-*.whl")
+    site = tmp_path / "site"
+    done = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (site / "minituner" / "weights" / "base" / "model.safetensors").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MINITUNER_WEIGHTS"}
+    env["PYTHONPATH"] = str(site)  # ahead of the checkout's editable install
+    code = "import minituner, minituner.checkpoint as c; print(minituner.__file__); print(c.find_base_model())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    module, weights = done.stdout.split()
+    assert Path(module).is_relative_to(site) and Path(weights) == site / "minituner" / "weights" / "base"
+    done = subprocess.run([sys.executable, "-m", "minituner", "--max-new-tokens", "4"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Ada lives in\u2192")

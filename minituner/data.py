@@ -41,15 +41,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from minituner.files import write_text
+from minituner.tokenizer import SPECIAL_TOKENS
 from minituner.world import DEFAULT_SYSTEM, format_prompt
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a label that carries no loss (F.cross_entropy's default ignore_index)
 OVERFLOW = ("error", "truncate", "drop")
-CHAT_SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>")
-_SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in CHAT_SPECIALS) + ")")
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL_TOKENS) + ")")
 
 
 class DataError(ValueError):
@@ -72,7 +73,7 @@ def encode_with_specials(tokenizer: TokenizerLike, text: str) -> list[int]:
     its own id and the text between is encoded normally."""
     ids: list[int] = []
     for piece in _SPECIAL_RE.split(text):
-        if piece in CHAT_SPECIALS:
+        if piece in SPECIAL_TOKENS:
             ids.append(tokenizer.token_to_id(piece))
         elif piece:
             ids.extend(tokenizer.encode(piece))
@@ -197,11 +198,36 @@ class ClassificationDataset(_TokenLabelDataset):
         fit = _Fitted("ClassificationDataset", max_length, overflow)
         self.items = []
         for i, ex in enumerate(examples):
-            got = fit(i, tokenizer.encode(ex["text"], add_bos=True), None)
+            text, label = _example_text(i, ex), _example_label(i, ex)  # check before encoding
+            got = fit(i, tokenizer.encode(text, add_bos=True), None)
             if got is not None:
-                self.items.append((torch.tensor(got[0]), torch.tensor(int(ex["label"]))))
+                self.items.append((torch.tensor(got[0]), torch.tensor(label)))
         fit.report(len(self.items))
         self.n_truncated, self.n_dropped = fit.n_truncated, fit.n_dropped
+
+
+def _example_text(i: int, ex: Mapping[str, Any]) -> str:
+    if not isinstance(ex, Mapping):
+        raise DataError(f"ClassificationDataset: example {i} must be a dict with 'text' and 'label', "
+                        f"got a {type(ex).__name__}")
+    text = ex.get("text")
+    if not isinstance(text, str):
+        got = "missing" if text is None else f"a {type(text).__name__}"
+        raise DataError(f"ClassificationDataset: example {i}: field 'text' must be a string, got {got}")
+    return text
+
+
+def _example_label(i: int, ex: Mapping[str, Any]) -> int:
+    """A class id: an integer >= 0. Not a bool, a float or a string: "1" or 1.0 are likely a
+    mistake upstream, and -100 would silently carry no loss (IGNORE_INDEX)."""
+    label = ex.get("label")
+    if label is None:
+        raise DataError(f"ClassificationDataset: example {i}: field 'label' is missing; "
+                        "every example needs an integer class id")
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+        raise DataError(f"ClassificationDataset: example {i}: field 'label' must be an integer class id "
+                        f">= 0, got {label!r} ({type(label).__name__}); map label names to ids first")
+    return int(label)
 
 
 # ------------------------------------------------------------------------------ SFT
@@ -297,19 +323,47 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
 # -------------------------------------------------------------------------- collator
 class Collator:
-    """Batches a list of example dicts. Every 1-D sequence is right-padded to one length T
-    (the longest in the batch, rounded up to ``pad_to_multiple_of``): ``*input_ids`` with
-    ``pad_id``, ``*labels`` with -100; for each ``<prefix>input_ids`` a
-    ``<prefix>attention_mask`` (B, T) marks real tokens with 1. Scalars are stacked (B,).
-    Chosen and rejected share T, so they can be concatenated into one (2B, T) batch."""
+    """Batches a list of example dicts into a dict of tensors, the one collator of minituner.
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None) -> None:
-        self.pad_id, self.multiple = int(pad_id), pad_to_multiple_of
+    ``Collator(pad_id)`` right-pads every 1-D sequence to one length T (the longest in the
+    batch, rounded up to ``pad_to_multiple_of``): ``*input_ids`` with ``pad_id``, ``*labels``
+    with ``IGNORE_INDEX``, anything else with 0; for each ``<prefix>input_ids`` it adds a
+    ``<prefix>attention_mask`` (B, T) marking real tokens with 1. Scalars are stacked (B,).
+    Chosen and rejected share T, so they can be concatenated into one (2B, T) batch.
+
+    ``Collator()`` (no pad id) only stacks examples of equal shapes, adding nothing: it is
+    ``train``'s default, right for fixed-length data (``PackedLMDataset``), and it refuses
+    ragged sequences with a message saying to pass ``Collator(tokenizer.pad_id)``: padding
+    with a guessed id (0 is a real token in most vocabularies) would train on wrong inputs.
+    """
+
+    def __init__(self, pad_id: int | None = None, pad_to_multiple_of: int | None = None) -> None:
+        if pad_to_multiple_of is not None and (pad_id is None or pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} needs a pad_id and a positive multiple")
+        self.pad_id = None if pad_id is None else int(pad_id)
+        self.multiple = pad_to_multiple_of
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("Collator got an empty batch")
-        rows = {k: [torch.as_tensor(ex[k]) for ex in examples] for k in examples[0]}
+        if not all(isinstance(ex, Mapping) for ex in examples):
+            raise TypeError("each example must be a dict of tensors, e.g. {'input_ids': tensor([...])}; "
+                            "pass collate_fn= for other formats")
+        keys = list(examples[0])
+        for j, ex in enumerate(examples):
+            if set(ex) != set(keys):
+                raise ValueError(f"Collator: example {j} has keys {sorted(ex)}, example 0 has {sorted(keys)}")
+        rows = {k: [torch.as_tensor(ex[k]) for ex in examples] for k in keys}
+        ragged = [k for k, v in rows.items() if len({t.shape for t in v}) > 1]
+        if self.pad_id is None:
+            if ragged:
+                lengths = sorted({tuple(t.shape) for t in rows[ragged[0]]})
+                raise ValueError(f"examples' {ragged} have different shapes ({lengths[0]} ... {lengths[-1]}) "
+                                 "and this collator has no pad id; pass collate_fn=data.Collator(tokenizer.pad_id)")
+            return {k: torch.stack(v) for k, v in rows.items()}  # (B, ...)
+        bad = [k for k in ragged if any(t.dim() != 1 for t in rows[k])]
+        if bad:
+            raise ValueError(f"examples' {bad} have different shapes and are not 1-D sequences; pass collate_fn=")
         seqs = [k for k, v in rows.items() if v[0].dim() == 1]
         T = max((t.numel() for k in seqs for t in rows[k]), default=0)
         if self.multiple:
@@ -336,7 +390,8 @@ def _lines(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line of a JSONL file."""
     path = Path(path)
     out = []
-    for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Windows editors)
+    for n, raw in enumerate(data.split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8").strip()
         except UnicodeDecodeError as e:

@@ -3,6 +3,7 @@ the JSONL readers (hand-written bad lines and hypothesis-fuzzed ones)."""
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -142,6 +143,42 @@ def test_overflow_is_counted_never_silent(w, tok, max_length, policy):
             SFTDataset(examples, tok, max_length=max_length)
 
 
+def test_classification_label_errors_name_example_and_field(tok):
+    """A missing, non-integer, boolean or negative label (-100 would silently carry no loss)
+    and a missing text are errors naming the example's index and the field."""
+    good = {"text": "Ada lives in Ashford.", "label": 1}
+    for bad, field in (({"text": "x"}, "'label' is missing"), ({"text": "x", "label": "1"}, "'label' must be"),
+                       ({"text": "x", "label": 1.0}, "'label' must be"), ({"text": "x", "label": True}, "'label'"),
+                       ({"text": "x", "label": -100}, "'label' must be an integer class id >= 0"),
+                       ({"label": 0}, "'text' must be a string, got missing"),
+                       ({"text": 3, "label": 0}, "'text' must be a string, got a int")):
+        with pytest.raises(DataError) as e:
+            ClassificationDataset([good, good, bad], tok)
+        assert "example 2" in str(e.value) and field in str(e.value), str(e.value)
+    ds = ClassificationDataset([good, {"text": "x", "label": np.int64(3)}], tok)
+    assert [int(ds[i]["labels"]) for i in range(2)] == [1, 3]
+
+
+def test_collator_without_pad_id_stacks_and_refuses_ragged():
+    """Collator() is train's default: equal shapes are stacked with nothing added (no mask);
+    ragged sequences are an error naming the fix, never padded with a guessed id. With a pad
+    id, input_ids pad with it, labels with -100, and a mask marks the real tokens."""
+    same = [{"input_ids": torch.tensor([1, 2, 3]), "label": torch.tensor(0)},
+            {"input_ids": torch.tensor([4, 5, 6]), "label": torch.tensor(1)}]
+    batch = Collator()(same)
+    assert batch.keys() == {"input_ids", "label"} and batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    ragged = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([1, 2, 3])},
+              {"input_ids": torch.tensor([4]), "labels": torch.tensor([4])}]
+    with pytest.raises(ValueError, match=r"Collator\(tokenizer\.pad_id\)"):
+        Collator()(ragged)
+    batch = Collator(pad_id=9)(ragged)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="keys"):
+        Collator(0)([same[0], {"input_ids": torch.tensor([1])}])
+
+
 def test_bad_arguments(tok):
     with pytest.raises(DataError, match="empty"):
         SFTDataset([], tok)
@@ -168,6 +205,21 @@ def test_readers_accept_good_files_and_round_trip(tmp_path, w):
     assert read_chat(write(tmp_path, "c.jsonl", [json.dumps(msgs)])) == [msgs]
     pr = {"prompt": "Q", "chosen": "A", "rejected": "B"}
     assert read_preferences(write(tmp_path, "d.jsonl", [json.dumps(pr)])) == [pr]
+
+
+def test_readers_accept_a_byte_order_mark(tmp_path):
+    """Files saved by Windows editors start with the UTF-8 BOM (EF BB BF); the first line is
+    read like any other, with CRLF line ends too."""
+    lines = {read_alpaca: ('{"instruction": "Hi", "output": "Hello"}', {"instruction": "Hi", "input": "",
+                                                                       "output": "Hello"}),
+             read_chat: ('{"messages": [{"role": "assistant", "content": "b"}]}',
+                         {"messages": [{"role": "assistant", "content": "b"}]}),
+             read_preferences: ('{"prompt": "a", "chosen": "b", "rejected": "c"}',
+                                {"prompt": "a", "chosen": "b", "rejected": "c"})}
+    for reader, (line, want) in lines.items():
+        p = tmp_path / "bom.jsonl"
+        p.write_bytes(b"\xef\xbb\xbf" + (line + "\r\n" + line + "\r\n").encode())
+        assert reader(p) == [want, want]
 
 
 @pytest.mark.parametrize("reader,line,field", [

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _generate(args) if args.command == "generate" else _pretrain(args)
-    except (UsageError, CheckpointError) as e:
+    except (UsageError, CheckpointError, OSError) as e:  # OSError: a file we may not read or write
         print(f"minituner: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:

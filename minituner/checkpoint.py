@@ -77,6 +77,8 @@ def read_safetensors_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         return load_file(path)
+    except OSError:  # missing, unreadable: the OS's own message names the file
+        raise
     except Exception as e:  # SafetensorError: header too small, file not fully covered, ...
         size = path.stat().st_size if path.is_file() else 0
         raise CheckpointError(f"{path} ({size:,} bytes) is not a complete safetensors file ({e}); "

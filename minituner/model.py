@@ -22,18 +22,36 @@ Papers
 Shapes: B batch, T time (new tokens), S keys (prefix + cache + new), P prefix length,
 C channels, H heads, H_kv key/value heads, D head dim, V vocab.
 
+Families are configurations
+---------------------------
+`family` names a checkpoint layout and sets the defaults of the architectural fields below;
+the code reads only the fields, never the family. Set a field to override its default:
+Qwen2 is `ModelConfig(family="llama", qkv_bias=True)`, Mistral is `family="llama"`.
+
+    field         gpt2        llama     bert
+    norm          layernorm   rmsnorm   layernorm
+    positions     learned     rope      learned
+    mlp           gelu_tanh   swiglu    gelu
+    post_norm     False       False     True
+    causal        True        True      False
+    bias          True        False     True     (qkv_bias, mlp_bias: None -> bias)
+    lm_head       True        True      False
+    tie_embeddings True       False     False
+    token_types   False       False     True
+    emb_norm      False       False     True
+
 Module names (stable: LoRA and adapters target them)
 ----------------------------------------------------
-    tok_emb, pos_emb (gpt2, bert), type_emb + emb_norm (bert)
+    tok_emb, pos_emb (positions="learned"), type_emb (token_types), emb_norm (emb_norm)
     blocks.{i}.attn_norm, blocks.{i}.attn.{q_proj,k_proj,v_proj,o_proj}
-    blocks.{i}.mlp_norm,  blocks.{i}.mlp.{fc,proj}                    (gpt2, bert)
-                          blocks.{i}.mlp.{gate_proj,up_proj,down_proj} (llama)
-    norm_f (gpt2, llama), lm_head (gpt2, llama; tied to tok_emb in gpt2)
+    blocks.{i}.mlp_norm,  blocks.{i}.mlp.{fc,proj}                    (mlp="gelu", "gelu_tanh")
+                          blocks.{i}.mlp.{gate_proj,up_proj,down_proj} (mlp="swiglu")
+    norm_f (pre-norm only), lm_head (lm_head; tied to tok_emb when tie_embeddings)
 Pre-norm (gpt2, llama): x = x + attn(attn_norm(x)); x = x + mlp(mlp_norm(x)).
 Post-norm (bert):       x = attn_norm(x + attn(x)); x = mlp_norm(x + mlp(x)).
 
-BERT has no LM head here: `forward` returns the final hidden states (B, T, C) for the bert
-family (BertModel's `last_hidden_state`, pooler dropped); heads live in `minituner.heads`.
+Without an LM head (bert) `forward` returns the final hidden states (B, T, C) (BertModel's
+`last_hidden_state`, pooler dropped); heads live in `minituner.heads`.
 
 The three seams every technique attaches through
 ------------------------------------------------
@@ -54,8 +72,9 @@ The three seams every technique attaches through
 1. Module wrapping: LoRA, adapters and NF4 replace an `nn.Linear` (found by the names above)
    with a module that holds the original and calls it; nothing here is subclassed.
 2. Extra keys/values: `prefix_kv` is a list (one per layer) of (k, v), each (B, H_kv, P, D),
-   already in the rotated (RoPE) space. Every query attends to all P prefix slots; the
-   padding mask covers only real tokens, the prefix columns are added to it here.
+   already in the rotated (RoPE) space (a batch of 1 is broadcast). Every query attends to all
+   P prefix slots; the padding mask covers only real tokens, the prefix columns are added to
+   it here. Prefix slots take no positions: the first real token is at position 0.
 3. Input embeddings: `forward(inputs_embeds=...)` skips the token lookup
    (`get_input_embeddings()` is `tok_emb`); positions still count the embedded slots.
 
@@ -69,6 +88,7 @@ padding, or right padding under the causal mask): SDPA then runs with is_causal=
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
@@ -76,15 +96,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FAMILIES = ("gpt2", "llama", "bert")
+FAMILIES = ("gpt2", "llama", "bert")  # model families (checkpoint layouts), not world.py's tasks
 _HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA enable_gqa
+
+# Each family's architecture, the default of every None field below (table in the docstring).
+_FAMILY_DEFAULTS = {
+    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu_tanh", post_norm=False, causal=True,
+                 bias=True, lm_head=True, tie_embeddings=True, token_types=False, emb_norm=False),
+    "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", post_norm=False, causal=True,
+                  bias=False, lm_head=True, tie_embeddings=False, token_types=False, emb_norm=False),
+    "bert": dict(norm="layernorm", positions="learned", mlp="gelu", post_norm=True, causal=False,
+                 bias=True, lm_head=False, tie_embeddings=False, token_types=True, emb_norm=True),
+}
+_CHOICES = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
+            "mlp": ("gelu", "gelu_tanh", "swiglu")}
+_SIZES = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
+          "intermediate_size", "head_dim", "type_vocab_size")
+_FLAGS = ("post_norm", "causal", "bias", "qkv_bias", "mlp_bias", "lm_head", "tie_embeddings",
+          "token_types", "emb_norm")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of a `Transformer`; None fields take the family's default."""
 
-    family: str = "gpt2"  # "gpt2" | "llama" | "bert": selects norms, positions, MLP, mask
+    family: str = "gpt2"  # "gpt2" | "llama" | "bert": checkpoint layout, defaults of the fields below
     vocab_size: int = 50257  # V, rows of the token embedding
     block_size: int = 1024  # maximum positions (learned table size, or RoPE range)
     n_layer: int = 12  # number of blocks
@@ -94,48 +130,70 @@ class ModelConfig:
     intermediate_size: int | None = None  # MLP hidden width; None -> 4 * C
     head_dim: int | None = None  # D; None -> C // H (some Llama checkpoints set it)
     norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
-    rope_theta: float = 10000.0  # RoPE base (llama)
-    type_vocab_size: int = 2  # token-type (segment) embeddings (bert)
+    rope_theta: float = 10000.0  # RoPE base (positions="rope")
+    type_vocab_size: int = 2  # token-type (segment) embeddings (token_types)
     dropout: float = 0.0  # residual, embedding and attention dropout
-    bias: bool | None = None  # biases in Linear layers; None -> True for gpt2/bert, False for llama
-    tie_embeddings: bool | None = None  # lm_head shares tok_emb; None -> True for gpt2 only
+    bias: bool | None = None  # biases in Linear layers (not lm_head)
+    tie_embeddings: bool | None = None  # lm_head shares tok_emb
+    # -- architecture; None -> the family's default -----------------------------------------
+    norm: str | None = None  # "layernorm" | "rmsnorm"
+    positions: str | None = None  # "learned" (pos_emb table) | "rope" (rotary, in attention)
+    mlp: str | None = None  # "gelu" (erf) | "gelu_tanh" (GPT-2's gelu_new) | "swiglu" (gated)
+    post_norm: bool | None = None  # norm after each residual add (BERT) instead of before
+    causal: bool | None = None  # a query sees only earlier tokens (decoder) or all (encoder)
+    qkv_bias: bool | None = None  # biases in q/k/v_proj (Qwen2: True with bias=False); None -> bias
+    mlp_bias: bool | None = None  # biases in the MLP's Linears; None -> bias
+    lm_head: bool | None = None  # a vocabulary head: forward returns logits, else hidden states
+    token_types: bool | None = None  # add token-type (segment) embeddings, type_emb
+    emb_norm: bool | None = None  # LayerNorm on the embedding sum, emb_norm
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r} is not one of {FAMILIES}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        for name in _SIZES:  # before any arithmetic: 256.0, "256" or True are not sizes
+            value = getattr(self, name)
+            if value is None and name in ("n_kv_head", "intermediate_size", "head_dim"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            set_(name, int(value))  # numpy integers -> int, so to_dict stays JSON
+        for name, default in _FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, name) is None:
+                set_(name, default)
+        for name in ("qkv_bias", "mlp_bias"):
+            if getattr(self, name) is None:
+                set_(name, self.bias)
         if self.n_kv_head is None:
             set_("n_kv_head", self.n_head)
         if self.intermediate_size is None:
             set_("intermediate_size", 4 * self.n_embd)
-        if self.bias is None:
-            set_("bias", self.family != "llama")
-        if self.tie_embeddings is None:
-            set_("tie_embeddings", self.family == "gpt2")
         if self.head_dim is None:
             if self.n_embd % self.n_head:
                 raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd} "
                                  "(or set head_dim explicitly)")
             set_("head_dim", self.n_embd // self.n_head)
-        if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
+        if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        if self.family == "llama" and self.head_dim % 2:
+        if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.tie_embeddings and not self.lm_head:
+            raise ValueError("tie_embeddings=True needs lm_head=True (there is no head to tie)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def causal(self) -> bool:
-        return self.family != "bert"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """Inverse of `to_dict`; dicts written before a field existed load with its default."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -158,7 +216,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
-    if config.family == "llama":
+    if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd, config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
 
@@ -216,12 +274,12 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        C, H, Hkv, D, bias = config.n_embd, config.n_head, config.n_kv_head, config.head_dim, config.bias
+        C, H, Hkv, D = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = H, Hkv, D
-        self.q_proj = nn.Linear(C, H * D, bias=bias)
-        self.k_proj = nn.Linear(C, Hkv * D, bias=bias)
-        self.v_proj = nn.Linear(C, Hkv * D, bias=bias)
-        self.o_proj = nn.Linear(H * D, C, bias=bias)
+        self.q_proj = nn.Linear(C, H * D, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -260,9 +318,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
-        self.approximate = "tanh" if config.family == "gpt2" else "none"  # GPT-2's gelu_new
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.mlp_bias)
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"  # GPT-2's gelu_new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
@@ -273,7 +331,7 @@ class GatedMLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        C, I, bias = config.n_embd, config.intermediate_size, config.bias
+        C, I, bias = config.n_embd, config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(C, I, bias=bias)  # W
         self.up_proj = nn.Linear(C, I, bias=bias)  # V
         self.down_proj = nn.Linear(I, C, bias=bias)  # W2
@@ -283,15 +341,15 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer; pre-norm for gpt2/llama, post-norm for bert."""
+    """One transformer layer, pre-norm (gpt2, llama) or post-norm (bert)."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.layer, self.post_norm = layer, config.family == "bert"
+        self.layer, self.post_norm = layer, config.post_norm
         self.attn_norm = make_norm(config)
         self.attn = Attention(config)
         self.mlp_norm = make_norm(config)
-        self.mlp = GatedMLP(config) if config.family == "llama" else MLP(config)
+        self.mlp = GatedMLP(config) if config.mlp == "swiglu" else MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -304,7 +362,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """GPT-2, Llama or BERT, chosen by `config.family`; see the module docstring."""
+    """GPT-2, Llama or BERT, chosen by the config's fields; see the module docstring."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -313,21 +371,23 @@ class Transformer(nn.Module):
         self.config = config
         C = config.n_embd
         self.tok_emb = nn.Embedding(config.vocab_size, C)
-        if config.family in ("gpt2", "bert"):
+        if config.positions == "learned":
             self.pos_emb = nn.Embedding(config.block_size, C)
-        if config.family == "bert":
+        if config.token_types:
             self.type_emb = nn.Embedding(config.type_vocab_size, C)
+        if config.emb_norm:
             self.emb_norm = make_norm(config)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        if config.family != "bert":
+        if not config.post_norm:  # pre-norm leaves the residual stream unnormalized
             self.norm_f = make_norm(config)
+        if config.lm_head:
             self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
             if name.endswith(("o_proj.weight", "mlp.proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.family != "bert" and config.tie_embeddings:
+        if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
     @staticmethod
@@ -404,20 +464,18 @@ class Transformer(nn.Module):
                 raise ValueError(f"prefix_kv needs one (k, v) per layer: {cfg.n_layer}, got {len(prefix_kv)}")
             P = prefix_kv[0][0].shape[2]
         if position_ids is None:
-            if attention_mask is not None:  # left padding: real tokens start at position 0
+            if attention_mask is not None:  # padding takes no positions: real tokens count 0, 1, ...
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)[:, past:]  # (B, T)
             else:
                 position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
         rope = None
-        if cfg.family == "llama":
+        if cfg.positions == "rope":
             rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)  # (B|1, 1, T, D) each
         else:
             x = x + self.pos_emb(position_ids)  # (B, T, C) learned absolute positions
-        if cfg.family == "bert":
-            if token_type_ids is None:
-                x = x + self.type_emb.weight[0]
-            else:
-                x = x + self.type_emb(token_type_ids)
+        if cfg.token_types:
+            x = x + (self.type_emb.weight[0] if token_type_ids is None else self.type_emb(token_type_ids))
+        if cfg.emb_norm:
             x = self.emb_norm(x)
         x = self.drop(x)
         mask, is_causal = self._mask(attention_mask, B, T, past, P, device)
@@ -425,7 +483,7 @@ class Transformer(nn.Module):
             x = block(x, mask, is_causal, rope, prefix_kv[i] if prefix_kv is not None else None, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.norm_f(x) if cfg.family != "bert" else x  # (B, T, C)
+        return x if cfg.post_norm else self.norm_f(x)  # (B, T, C)
 
     def forward(self, input_ids: torch.Tensor | None = None, *,
                 inputs_embeds: torch.Tensor | None = None,
@@ -434,10 +492,10 @@ class Transformer(nn.Module):
                 position_ids: torch.Tensor | None = None,
                 prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for gpt2/llama; final hidden states (B, T, C) for bert."""
+        """Logits (B, T, V) with an LM head (gpt2, llama); final hidden states (B, T, C) without (bert)."""
         h = self._backbone(input_ids, inputs_embeds, attention_mask, token_type_ids,
                            position_ids, prefix_kv, kv_cache)
-        return self.lm_head(h) if self.config.family != "bert" else h
+        return self.lm_head(h) if self.config.lm_head else h
 
     def hidden_states(self, input_ids: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, pooling: str | None = None, *,

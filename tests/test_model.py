@@ -69,6 +69,137 @@ def test_bad_config_raises(kw, msg):
         ModelConfig(**kw)
 
 
+SIZE_FIELDS = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head",
+               "intermediate_size", "head_dim", "type_vocab_size"]
+
+
+@pytest.mark.parametrize("field", SIZE_FIELDS)
+@pytest.mark.parametrize("bad", [256.0, "256", True, 0, -1])
+def test_config_rejects_non_integer_or_non_positive_sizes(field, bad):
+    """A float, a string or a bool is not a size (int(256.0) would hide the mistake until a
+    shape breaks); 0 and -1 are not positive. The message names the field."""
+    with pytest.raises(ValueError, match=f"{field} must be a positive integer, got {bad!r}"):
+        ModelConfig(**{**dict(n_embd=256, n_head=4), field: bad})
+
+
+def test_config_accepts_numpy_integers_as_plain_ints():
+    np = pytest.importorskip("numpy")
+    c = ModelConfig(n_embd=np.int64(64), n_head=np.int32(4))
+    assert type(c.n_embd) is int and c.head_dim == 16  # to_dict stays JSON-serializable
+
+
+# What each family resolves to: the table in model.py's docstring, written out by hand.
+FAMILY_TABLE = {
+    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu_tanh", post_norm=False, causal=True,
+                 bias=True, qkv_bias=True, mlp_bias=True, lm_head=True, tie_embeddings=True,
+                 token_types=False, emb_norm=False),
+    "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", post_norm=False, causal=True,
+                  bias=False, qkv_bias=False, mlp_bias=False, lm_head=True, tie_embeddings=False,
+                  token_types=False, emb_norm=False),
+    "bert": dict(norm="layernorm", positions="learned", mlp="gelu", post_norm=True, causal=False,
+                 bias=True, qkv_bias=True, mlp_bias=True, lm_head=False, tie_embeddings=False,
+                 token_types=True, emb_norm=True),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_sets_the_architecture_defaults(family):
+    c = ModelConfig(family=family, n_embd=64, n_head=4)
+    assert {k: getattr(c, k) for k in FAMILY_TABLE[family]} == FAMILY_TABLE[family]
+    assert ModelConfig.from_dict(c.to_dict()) == c
+
+
+def test_config_json_written_before_the_architecture_fields_still_loads():
+    """weights/base/config.json has only the fields of the first release: it must still load
+    into the same gpt2 model (same modules, same parameter shapes)."""
+    old = {"bias": True, "block_size": 256, "dropout": 0.0, "family": "gpt2", "head_dim": 64,
+           "intermediate_size": 1024, "n_embd": 256, "n_head": 4, "n_kv_head": 4, "n_layer": 4,
+           "norm_eps": 1e-05, "rope_theta": 10000.0, "tie_embeddings": True, "type_vocab_size": 2,
+           "vocab_size": 1327}
+    c = ModelConfig.from_dict(old)
+    assert {k: getattr(c, k) for k in FAMILY_TABLE["gpt2"]} == FAMILY_TABLE["gpt2"]
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(c).state_dict().items()}
+    assert shapes["pos_emb.weight"] == (256, 256) and shapes["blocks.3.mlp.fc.bias"] == (1024,)
+    assert not any(k.startswith(("type_emb", "emb_norm")) for k in shapes)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(norm="batchnorm"), "norm='batchnorm' is not one of"),
+    (dict(positions="alibi"), "positions='alibi' is not one of"),
+    (dict(mlp="relu"), "mlp='relu' is not one of"),
+    (dict(causal=1), "causal must be True, False or None"),
+    (dict(family="bert", tie_embeddings=True), "tie_embeddings=True needs lm_head=True"),
+    (dict(positions="rope", n_embd=12, n_head=4), "RoPE needs an even head_dim"),
+])
+def test_bad_architecture_fields_raise(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig(**kw)
+
+
+def test_architecture_fields_mix_across_families():
+    """A gpt2 layout with Llama's parts is a configuration: the modules follow the fields."""
+    c = ModelConfig(family="gpt2", vocab_size=V, block_size=BLOCK, n_layer=1, n_head=2, n_embd=8,
+                    norm="rmsnorm", positions="rope", mlp="swiglu", qkv_bias=True, bias=False)
+    m = Transformer(c)
+    names = {n for n, _ in m.named_modules()}
+    assert "pos_emb" not in names and "blocks.0.mlp.gate_proj" in names and "blocks.0.mlp.fc" not in names
+    assert isinstance(m.norm_f, RMSNorm) and m.lm_head.weight is m.tok_emb.weight
+    attn = m.blocks[0].attn
+    assert attn.q_proj.bias is not None and attn.v_proj.bias is not None and attn.o_proj.bias is None
+    assert m.blocks[0].mlp.up_proj.bias is None
+    assert m(ids(2, 5, 0)).shape == (2, 5, V)
+
+
+def _hf_llama_layout_to_ours(hf_state: dict) -> dict:
+    """Qwen2 and Mistral store Llama's key layout: model.layers.{i}.self_attn.q_proj, ..."""
+    import re
+    rules = [(r"model\.embed_tokens\.", "tok_emb."), (r"model\.norm\.", "norm_f."),
+             (r"model\.layers\.(\d+)\.self_attn\.", r"blocks.\1.attn."),
+             (r"model\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+             (r"model\.layers\.(\d+)\.input_layernorm\.", r"blocks.\1.attn_norm."),
+             (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.mlp_norm.")]
+    out = {}
+    for k, w in hf_state.items():
+        for pattern, repl in rules:
+            k = re.sub("^" + pattern, repl, k)
+        out[k] = w
+    return out
+
+
+@pytest.mark.parametrize("arch, extra", [("qwen2", dict(qkv_bias=True)), ("mistral", {})])
+def test_llama_like_families_are_configurations(arch, extra):
+    """Parity with transformers in float64 to 1e-6 (both compute RoPE's angles in float32; a
+    missing bias would be off by ~1): Qwen2 (q/k/v biases, no other bias) and Mistral are
+    family="llama" plus fields, with no new branch in model.py."""
+    transformers = pytest.importorskip("transformers")
+    hf_cls, cfg_cls = {"qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+                       "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig)}[arch]
+    torch.manual_seed(0)
+    hf_cfg = cfg_cls(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=BLOCK,
+                     rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                     sliding_window=None, use_sliding_window=False, attn_implementation="sdpa")  # HF's eager path gives NaN rows in float64 under padding
+    hf = hf_cls(hf_cfg).double().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)  # random biases and norms too: a missing one must show
+    ours = Transformer(ModelConfig(family="llama", vocab_size=V, block_size=BLOCK, n_layer=2, n_head=4,
+                                   n_kv_head=2, n_embd=16, intermediate_size=24, norm_eps=1e-6, **extra))
+    state = _hf_llama_layout_to_ours(hf.state_dict())
+    state = {k: v for k, v in state.items() if "rotary_emb" not in k}
+    ours.load_state_dict(state, strict=True)
+    ours = ours.double().eval()
+    x = ids(2, 7, 0)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # left padding, as HF expects for generation
+    with torch.no_grad():
+        ref = hf(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        got = ours(x, attention_mask=mask)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[1, 3:], ref[1, 3:], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stable_module_names(family):
     """LoRA and adapters target these names: they are a contract."""

@@ -79,10 +79,11 @@ The three seams every technique attaches through
    (`get_input_embeddings()` is `tok_emb`); positions still count the embedded slots.
 
 Padding: attention_mask (B, T) is 1 for real tokens, 0 for padding, left or right.
-Position ids are derived from it (cumsum - 1), so a left-padded prompt gets the same
-positions as the unpadded one. With a KV cache the mask covers cache + new tokens.
-Outputs at pad positions are unspecified. No mask tensor is built when none is needed (no
-padding, or right padding under the causal mask): SDPA then runs with is_causal=True.
+Position ids are derived from it (cumsum - 1), so a padded row gets the same positions as the
+unpadded one. With a KV cache the mask covers cache + new tokens. Outputs at pad positions are
+unspecified. Without an attention_mask (and no prefix or cache) SDPA runs with is_causal=True;
+with one, a boolean mask is always built on the device: deciding from its values whether
+there is any padding would need a host sync in every training step.
 """
 
 from __future__ import annotations
@@ -406,32 +407,27 @@ class Transformer(nn.Module):
     # -- masks and positions ----------------------------------------------------------------
     def _mask(self, attention_mask: torch.Tensor | None, B: int, T: int, past: int, P: int,
               device: torch.device) -> tuple[torch.Tensor | None, bool]:
-        """Boolean SDPA mask (B|1, 1, T, S), True = attend, or None with is_causal."""
+        """Boolean SDPA mask (B|1, 1, T, S), True = attend, or None with is_causal.
+
+        Decided from shapes only, never from the mask's values (that would be a host sync).
+        """
         causal = self.config.causal
-        padded = right_only = False
-        if attention_mask is not None:  # one host sync for both flags
-            m = attention_mask.bool()
-            all_real, right_only = torch.stack((m.all(), (m[:, :-1] >= m[:, 1:]).all())).tolist()
-            padded = not all_real
-        if P == 0 and (not padded or (causal and right_only and past == 0)):  # no mask tensor
-            # right padding under a causal mask: real queries never see the later pads anyway
-            if not causal or T == 1:
+        if attention_mask is None:
+            if not causal or T == 1:  # every query sees every key (one new query sees its past)
                 return None, False
-            if past == 0:
+            if past == 0 and P == 0:  # plain causal: SDPA's fused kernels build it themselves
                 return None, True
         S = P + past + T
-        allowed = torch.ones(T, S, dtype=torch.bool, device=device)
-        if causal:  # query at position past+i sees token keys 0..past+i
+        allowed = torch.ones(T, S, dtype=torch.bool, device=device)  # (T, S)
+        if causal:  # query at position past+i sees token keys 0..past+i, and every prefix slot
             q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
             allowed[:, P:] = torch.arange(past + T, device=device)[None] <= q_pos  # (T, past+T)
-        if padded:
-            keys = torch.cat((attention_mask.new_ones(B, P), attention_mask), 1).bool()  # (B, S)
-            allowed = allowed[None] & keys[:, None, :]  # (B, T, S)
-            diag = torch.arange(T, device=device)
-            allowed[:, diag, P + past + diag] = True  # pad queries see themselves: no empty rows
-        else:
-            allowed = allowed[None]  # (1, T, S)
-        return allowed[:, None], False  # (B|1, 1, T, S)
+        if attention_mask is None:
+            return allowed[None, None], False  # (1, 1, T, S)
+        keys = torch.cat((attention_mask.new_ones(B, P), attention_mask), 1).bool()  # (B, S)
+        allowed = allowed[None] & keys[:, None, :]  # (B, T, S): no query sees a pad key
+        allowed[:, :, P + past:] |= torch.eye(T, dtype=torch.bool, device=device)  # pad queries
+        return allowed[:, None], False  # (B, 1, T, S)      see themselves: no empty softmax row
 
     # -- the backbone -----------------------------------------------------------------------
     def _backbone(self, input_ids=None, inputs_embeds=None, attention_mask=None,

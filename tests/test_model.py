@@ -528,6 +528,33 @@ def test_meta_device_forward_shapes(family):
     assert out.shape == ((2, 5, V) if family != "bert" else (2, 5, cfg.n_embd))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masked_forward_reads_no_values(family):
+    """No host sync in a training step: on the 'meta' device a tensor has no values, so any
+    .item() / .tolist() / bool() on the mask would raise here. Padded forward, pooling and a
+    KV-cached step all run."""
+    cfg = tiny(family).config
+    with torch.device("meta"):
+        m = Transformer(cfg)
+        x, mask = torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+        assert m(x, attention_mask=mask).shape[:2] == (2, 5)
+        assert m.hidden_states(x, mask, "last").shape == (2, cfg.n_embd)
+        if cfg.causal:
+            cache = KVCache(6)
+            m(x, attention_mask=mask, kv_cache=cache)
+            m(x[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), kv_cache=cache)
+
+
+def test_sdpa_is_causal_fast_path_without_a_mask():
+    """No attention_mask, no prefix, no cache: no mask tensor, SDPA applies causality itself;
+    with a mask (any values) a boolean (B, 1, T, S) tensor."""
+    m = tiny("llama")
+    assert m._mask(None, 2, 5, 0, 0, torch.device("cpu")) == (None, True)
+    mask, is_causal = m._mask(torch.ones(2, 5, dtype=torch.long), 2, 5, 0, 0, torch.device("cpu"))
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool and not is_causal
+    assert torch.equal(mask[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+
+
 def test_dropout_only_in_training():
     cfg = ModelConfig(family="gpt2", vocab_size=V, block_size=BLOCK, n_layer=1, n_head=2, n_embd=8, dropout=0.5)
     m = Transformer(cfg)

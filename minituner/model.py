@@ -500,7 +500,8 @@ class Transformer(nn.Module):
                       prefix_kv=None) -> torch.Tensor:
         """Final hidden states (B, T, C), or pooled (B, C): "last" non-pad token, "mean" over
         real tokens (sentence-transformers' mean pooling), or "first" real token (BERT's CLS).
-        Gradients flow (fine-tuning through a head); wrap in torch.no_grad() to extract."""
+        Padding may be on either side. Gradients flow (fine-tuning through a head); wrap in
+        torch.no_grad() to extract."""
         if pooling not in (None, "last", "mean", "first"):
             raise ValueError(f"pooling={pooling!r}; use None, 'last', 'mean' or 'first'")
         h = self._backbone(input_ids, inputs_embeds, attention_mask, token_type_ids,
@@ -508,12 +509,17 @@ class Transformer(nn.Module):
         if pooling is None:
             return h
         B, T, _ = h.shape
-        m = attention_mask if attention_mask is not None else h.new_ones(B, T)
-        m = m.to(h.dtype)  # (B, T)
-        if pooling == "mean":
-            return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1e-9)  # (B, C)
-        pos = torch.arange(T, device=h.device, dtype=h.dtype)  # (T,)
-        idx = (m * pos).argmax(1) if pooling == "last" else (m * (T - pos)).argmax(1)  # (B,)
+        real = (attention_mask.bool() if attention_mask is not None
+                else torch.ones(B, T, dtype=torch.bool, device=h.device))  # (B, T)
+        if pooling == "mean":  # sum in float32: bf16 cannot even count past 256 exactly
+            total = (h * real[..., None].to(h.dtype)).sum(1, dtype=torch.float32)  # (B, C)
+            return (total / real.sum(1, keepdim=True).clamp(min=1)).to(h.dtype)  # (B, C)
+        # Integer positions: in bf16 neighbouring positions above 256 round to the same value.
+        pos = torch.arange(T, device=h.device)  # (T,) int64
+        if pooling == "last":
+            idx = (pos * real).amax(1)  # (B,) last real position (0 for an all-pad row)
+        else:
+            idx = real.long().argmax(1)  # (B,) argmax returns the first maximal index
         return h[torch.arange(B, device=h.device), idx]  # (B, C)
 
     @staticmethod

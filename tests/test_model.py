@@ -496,6 +496,29 @@ def test_hidden_state_pooling_by_hand():
         torch.testing.assert_close(m.hidden_states(x, pooling="last"), m.hidden_states(x)[:, -1])
 
 
+def test_pooling_in_bf16_picks_the_right_token_past_256():
+    """bf16 holds integers exactly only up to 256 (8 significant bits): 597 and 598 are both
+    stored as 596, so a position index in the activation dtype pools the wrong token. At T=600
+    "last" / "first" must be the last / first real position under right and left padding, and
+    "mean" the float64 mean of the real rows to within one bf16 rounding (2^-8 relative)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="gpt2", vocab_size=V, block_size=600, n_layer=1, n_head=2, n_embd=8)
+    m = Transformer(cfg).to(torch.bfloat16).eval()
+    T = 600
+    lens = torch.tensor([600, 599, 598, 597, 301, 259])
+    right = (torch.arange(T) < lens[:, None]).long()  # (B, T)
+    x = ids(len(lens), T, 0)
+    with torch.no_grad():
+        for mask, last, first in ((right, lens - 1, torch.zeros_like(lens)),
+                                  (right.flip(1), torch.full_like(lens, T - 1), T - lens)):
+            h = m.hidden_states(x, mask)  # (B, T, C)
+            rows = torch.arange(len(lens))
+            assert torch.equal(m.hidden_states(x, mask, "last"), h[rows, last])
+            assert torch.equal(m.hidden_states(x, mask, "first"), h[rows, first])
+            ref = (h.double() * mask[..., None]).sum(1) / lens[:, None]
+            torch.testing.assert_close(m.hidden_states(x, mask, "mean").double(), ref, atol=0, rtol=2 ** -8 + 1e-6)
+
+
 # -- dtypes, devices, gradients -------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_autocast_on_cpu(family):

@@ -62,8 +62,7 @@ The lesson and the fast path. quantize_4bit and dequantize_4bit below hold the m
 readable lines (absmax, scale, nearest code by midpoints, pack; unpack, look up, scale). By default
 they dispatch to kernels/nf4_fast.py, which computes the same bytes and values with lookup tables
 and fewer passes over memory (5-6x faster than those lines on one CPU thread, 2048 x 2048);
-`fast=False` runs the readable lines, and
-tests/test_nf4.py checks that both give identical results.
+`fast=False` runs the readable lines, and tests/test_nf4.py checks that both give identical results.
 """
 
 from __future__ import annotations

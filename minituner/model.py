@@ -548,14 +548,17 @@ class Transformer(nn.Module):
                  generator: torch.Generator | None = None, *,
                  attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
                  prefix_kv=None) -> torch.Tensor:
-        """Prompt + continuation (B, T + N), N <= max_new_tokens, with a KV cache.
+        """The prompt as given, then N <= max_new_tokens new tokens per row: (B, T + N).
 
-        Prompts may be left-padded (pass attention_mask). A row stops at its first EOS; later
-        slots of that row hold pad_token_id (or the EOS id). Stops when every row is done.
+        `out[:, :T]` is `input_ids` unchanged (padding where it was), `out[i, T:]` is row i's
+        continuation, whatever the padding side: decode `out[:, T:]`. Prompts may be padded on
+        the left or the right (pass attention_mask): each row continues from its own last real
+        token, at its own positions, and no row attends to a pad. A row stops at its first EOS;
+        its later slots hold pad_token_id (or the EOS id). Stops when every row is done.
         Uses the module's current train/eval mode: call `model.eval()` first for no dropout.
         """
         if not self.config.causal:
-            raise ValueError("generate() needs a causal family (gpt2 or llama); bert is bidirectional")
+            raise ValueError("generate() needs a causal model (gpt2, llama); this one is bidirectional (bert)")
         if max_new_tokens < 0 or temperature < 0:
             raise ValueError("max_new_tokens and temperature must be >= 0")
         if top_k is not None and top_k < 1:
@@ -566,14 +569,24 @@ class Transformer(nn.Module):
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"block_size={self.config.block_size}; shorten one of them")
+        step_ids, mask = input_ids, None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, T):
+                raise ValueError(f"attention_mask must be (B, T) = {(B, T)}, got {tuple(attention_mask.shape)}")
+            real = attention_mask.bool()  # (B, T)
+            if not bool(real.any(1).all()):  # one host sync, before the loop
+                raise ValueError("a prompt has no real token (its attention_mask row is all 0); drop it")
+            # Left-align each row, once, on the device: a stable sort puts the pads (0) first and
+            # the real tokens (1) after them in order, so every row's last real token is at T-1.
+            order = real.long().argsort(dim=1, stable=True)  # (B, T)
+            step_ids, mask = input_ids.gather(1, order), real.gather(1, order)  # (B, T) left-padded
         eos = None
         if eos_token_id is not None:
             ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
             eos = torch.tensor(ids, device=input_ids.device)
             pad = pad_token_id if pad_token_id is not None else ids[0]
         cache = KVCache(T + max_new_tokens)
-        mask = attention_mask
-        out, step_ids = input_ids, input_ids
+        new: list[torch.Tensor] = []
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             logits = self(step_ids, attention_mask=mask, kv_cache=cache, prefix_kv=prefix_kv)
@@ -581,10 +594,10 @@ class Transformer(nn.Module):
             if eos is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
                 finished |= torch.isin(nxt, eos)
-            out = torch.cat((out, nxt[:, None]), dim=1)  # (B, T + n)
             step_ids = nxt[:, None]  # (B, 1)
+            new.append(step_ids)
             if mask is not None:
-                mask = torch.cat((mask, mask.new_ones(B, 1)), dim=1)
+                mask = torch.cat((mask, mask.new_ones(B, 1)), dim=1)  # (B, past + 1)
             if eos is not None and bool(finished.all()):
                 break
-        return out
+        return torch.cat((input_ids, *new), dim=1)  # (B, T + N)

@@ -268,7 +268,7 @@ def test_errors_name_the_fix():
         m(ids(2, 3, 0), attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="exceeds block_size"):
         m.generate(ids(1, 20, 0), max_new_tokens=5)
-    with pytest.raises(ValueError, match="causal family"):
+    with pytest.raises(ValueError, match="needs a causal model"):
         tiny("bert").generate(ids(1, 3, 0), 2)
     with pytest.raises(ValueError, match="pooling="):
         m.hidden_states(ids(1, 3, 0), pooling="max")
@@ -412,16 +412,32 @@ def test_inputs_embeds_equals_token_ids(family, T, seed):
                                    m(x, attention_mask=mask), atol=0, rtol=0)
 
 
-@settings(max_examples=8)
-@given(family=st.sampled_from(CAUSAL), lens=st.lists(st.integers(1, 6), min_size=2, max_size=3),
-       seed=st.integers(0, 999))
-def test_left_padded_generation_equals_one_prompt_at_a_time(family, lens, seed):
+@settings(max_examples=25, deadline=None)
+@given(family=st.sampled_from(CAUSAL), side=st.sampled_from(["left", "right"]),
+       lens=st.lists(st.integers(1, 6), min_size=2, max_size=3), pads=st.lists(st.integers(0, 3), min_size=3, max_size=3),
+       P=st.sampled_from([0, 2]), eos=st.booleans(), seed=st.integers(0, 999))
+def test_padded_generation_equals_one_prompt_at_a_time(family, side, lens, pads, P, eos, seed):
+    """Batched generation, with prompts padded on either side (pads hold junk tokens), and with
+    a per-row prefix (seam 2) or none, gives each row exactly its unpadded generation: the
+    returned tensor is the prompt as given, then the row's new tokens. float64: no argmax ties."""
     m = tiny(family, torch.float64)
+    c = m.config
     rows = [ids(1, n, seed + i)[0] for i, n in enumerate(lens)]
-    x, mask, _ = pad_batch(rows, [0] * len(rows), "left")
-    out = m.generate(x, 5, attention_mask=mask)
+    x, mask, where = pad_batch(rows, pads[:len(rows)], side)
+    x = torch.where(mask.bool(), x, ids(*x.shape, seed + 99))  # pad slots: junk, never read
+    g = torch.Generator().manual_seed(seed)
+    prefix = [tuple(torch.randn(len(rows), c.n_kv_head, P, c.head_dim, generator=g, dtype=torch.float64)
+                    for _ in "kv") for _ in range(c.n_layer)] if P else None
+    # an EOS that some row emits: its later slots must then hold the pad id, 0
+    stop = int(m.generate(rows[0][None], 2)[0, -1]) if eos else None
+    out = m.generate(x, 5, attention_mask=mask, prefix_kv=prefix, eos_token_id=stop, pad_token_id=0)
+    T = x.shape[1]
+    assert torch.equal(out[:, :T], x)
     for i, r in enumerate(rows):
-        assert torch.equal(out[i, x.shape[1]:], m.generate(r[None], 5)[0, len(r):])
+        one = m.generate(r[None], 5, prefix_kv=[(k[i:i + 1], v[i:i + 1]) for k, v in prefix] if P else None,
+                         eos_token_id=stop, pad_token_id=0)[0, len(r):]
+        n = out.shape[1] - T  # the batch runs until its last row stops
+        assert torch.equal(out[i, T:], torch.cat((one, one.new_zeros(n - len(one))))), (i, out, one)
 
 
 # -- generation ---------------------------------------------------------------------------------------

@@ -1,0 +1,577 @@
+"""The one fine-tuning recipe: base model -> method -> train -> evaluate -> `Result`.
+
+Every chapter's numbers come from `finetune(...)`, and so does the command line
+(`python -m minituner finetune --method M --task T`); chapter 10's comparison is a loop over
+it. A method is an entry in `METHODS` (name -> the technique's config class and `apply_*`
+function, found through `protocol.TECHNIQUES`, and the recipe's defaults for it): a technique
+file adds itself there and nothing else, so no chapter has a training script of its own.
+
+    base model ──apply_<method>──> model with a trainable part ──train.train──> trained
+        │                                                                       │
+        └── before: zero-shot accuracy, held-out perplexity, fact recall ──────┴── after
+
+Full fine-tuning (Howard & Ruder 2018, ULMFiT, arXiv:1801.06146) lives here, since it adds no
+module, only two options of the recipe:
+
+- discriminative fine-tuning (Eq. 2): each layer l gets its own learning rate,
+      theta_t^l = theta_{t-1}^l - eta^l * grad_{theta^l} J(theta),   eta^{l-1} = eta^l / 2.6,
+  so the top (the head) moves fastest and the embeddings slowest;
+- gradual unfreezing (Sec. 3.3): first only the top group trains, then one more group below
+  it joins at each stage, until every layer trains.
+
+Forgetting is measured on what pre-training taught: held-out corpus perplexity and fact
+recall, before and after. With a technique that can be switched off (`disable_adapters`) the
+base model comes back exactly, and the result says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint, heads, protocol
+from .data import ClassificationDataset, Collator, PackedLMDataset, pack_documents
+from .evaluate import fact_recall
+from .files import write_text
+from .tokenizer import Tokenizer
+from .train import TrainConfig, evaluate, train
+from .world import CLASS_NAMES, World
+
+TASKS = ("classify",)
+
+# Sentences the corpus itself ends its day stories with: the base model scores each class's
+# sentence after the story, zero-shot (no training), for the "before" number.
+ZERO_SHOT_VERBALIZERS = {"bad": "It was a bad day.", "neutral": "It was neither a good nor a bad day.",
+                         "good": "It was a good day."}
+
+
+# -- full fine-tuning (ULMFiT) --------------------------------------------------------------------
+@dataclass(frozen=True)
+class FullConfig:
+    """Full fine-tuning: every parameter trains (Howard & Ruder 2018)."""
+
+    lr_decay: float | None = None  # discriminative rates, Eq. 2: eta^{l-1} = eta^l / lr_decay (2.6)
+    gradual_unfreezing: bool = False  # Sec. 3.3: unfreeze one layer group per stage, top first
+
+    def __post_init__(self) -> None:
+        if self.lr_decay is not None and not self.lr_decay >= 1.0:
+            raise ValueError(f"lr_decay={self.lr_decay} must be >= 1 (ULMFiT uses 2.6) or None")
+
+
+def apply_full(model: nn.Module, config: FullConfig | None = None) -> nn.Module:
+    """Make every parameter trainable (the whole model is the 'adapter')."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    protocol.mark_applied(model, "full", config or FullConfig())
+    return model
+
+
+def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Parameters bottom-up: [embeddings], block 0, ..., block L-1, [final norm, head].
+
+    A tied lm_head is the embedding; parameters outside these groups join the top group."""
+    seen: set[int] = set()
+
+    def take(modules) -> list[nn.Parameter]:
+        out = []
+        for m in modules:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    emb = take(getattr(model, n) for n in ("tok_emb", "pos_emb", "type_emb", "emb_norm") if hasattr(model, n))
+    blocks = [take([b]) for b in model.blocks]
+    top = take(m for m in model.children())  # norm_f, lm_head, head, anything else
+    return [emb, *blocks, top]
+
+
+def discriminative_param_groups(model: nn.Module, lr: float, lr_decay: float,
+                                weight_decay: float = 0.0) -> list[dict]:
+    """ULMFiT Eq. 2: the top group at `lr`, each group below at the rate above / lr_decay."""
+    groups = layer_groups(model)
+    out = []
+    for depth, params in enumerate(reversed(groups)):  # depth 0 = top
+        params = [p for p in params if p.requires_grad]
+        if params:
+            out.append({"params": params, "lr": lr / lr_decay ** depth,  # eta^{l-1} = eta^l / 2.6
+                        "weight_decay": weight_decay, "name": f"group{len(groups) - 1 - depth}"})
+    return out
+
+
+# -- the registry of methods ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """How the recipe runs one technique: its defaults, and what it allows."""
+
+    technique: str  # key of protocol.TECHNIQUES: the config class and apply function
+    lr: float  # peak learning rate that works for it on the base model
+    steps: int  # optimizer steps by default
+    batch_size: int = 16
+    disableable: bool = False  # disable_adapters gives the base model back exactly
+    cached_features: bool = False  # the encoder runs once; the head trains on cached tensors
+
+    def config_class(self) -> type:
+        module, config_name, _ = protocol.TECHNIQUES[self.technique]
+        return getattr(importlib.import_module(module), config_name)
+
+    def apply(self, model: nn.Module, config: Any) -> nn.Module:
+        module, _, apply_name = protocol.TECHNIQUES[self.technique]
+        return getattr(importlib.import_module(module), apply_name)(model, config)
+
+
+METHODS: dict[str, Method] = {
+    "full": Method("full", lr=1e-4, steps=300),
+    "head": Method("head", lr=3e-3, steps=600, batch_size=64, cached_features=True),
+    "adapters": Method("adapters", lr=1e-3, steps=300, disableable=True),
+}
+
+
+def register(name: str, method: Method) -> None:
+    """Add a method to the recipe (and so to `minituner finetune --method`)."""
+    if method.technique not in protocol.TECHNIQUES:
+        raise ValueError(f"technique {method.technique!r} is not in protocol.TECHNIQUES; add it there first")
+    METHODS[name] = method
+
+
+# -- the result ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Result:
+    """One fine-tuning run, measured; `to_json` / `from_json` round-trip it."""
+
+    method: str
+    task: str
+    metric: str  # the task metric's name ("accuracy")
+    before: float | None  # the base model zero-shot (None where it cannot be scored)
+    after: float  # the fine-tuned model
+    majority: float  # always answering the most common training label
+    trainable: int  # parameters that trained
+    total: int  # parameters of the model (tied ones once)
+    trainable_pct: float
+    forgetting: dict  # held-out perplexity and fact recall before / after (/ disabled)
+    memory: dict  # protocol.memory_bytes after training (weights, gradients, optimizer)
+    bytes_per_param: float  # (weights + gradients + optimizer) / parameters
+    wall_s: float  # the whole run, measuring included
+    train_s: float  # the training loop (and feature extraction for cached features)
+    tokens_per_s: float  # training tokens (real, not padding) per second of train_s
+    steps: int
+    n_train: int
+    n_test: int
+    seed: int
+    config: dict  # the method's config
+    train_config: dict
+    history: list = field(default_factory=list, repr=False)  # per-step training log
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True, allow_nan=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Result":
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(n for n in known - set(d) if n != "history")
+        if missing:
+            raise ValueError(f"result is missing fields {missing}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Result":
+        return cls.from_dict(json.loads(text))
+
+    HEADER = ("method", "before", "after", "trainable %", "ppl before", "ppl after", "facts after",
+              "bytes/param", "train s", "tokens/s")
+
+    def row(self) -> tuple:
+        f = self.forgetting
+        fmt = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+        return (self.method, fmt(self.before), fmt(self.after), f"{self.trainable_pct:.2f}",
+                fmt(f.get("perplexity_before"), 3), fmt(f.get("perplexity_after"), 3),
+                fmt(f.get("fact_recall_after")), f"{self.bytes_per_param:.1f}",
+                f"{self.train_s:.1f}", f"{self.tokens_per_s:.0f}")
+
+
+def table(results: Sequence[Result]) -> str:
+    """A Markdown table of results, one row each."""
+    lines = ["| " + " | ".join(Result.HEADER) + " |", "|" + "---|" * len(Result.HEADER)]
+    lines += ["| " + " | ".join(map(str, r.row())) + " |" for r in results]
+    return "\n".join(lines)
+
+
+# -- the base model and the task's data -------------------------------------------------------------
+def default_base() -> Path:
+    """weights/base of this checkout (or of the installed package)."""
+    here = Path(__file__).resolve().parent
+    for d in (here.parent / "weights" / "base", here / "weights" / "base"):
+        if (d / "config.json").is_file():
+            return d
+    raise FileNotFoundError("no weights/base found beside minituner; pass base=<directory of the base model>")
+
+
+def load_base(base: str | os.PathLike | None = None) -> tuple[nn.Module, Tokenizer]:
+    """A base model directory (ours, or a Hugging Face GPT-2/Llama/BERT one) and its tokenizer."""
+    d = Path(base) if base is not None else default_base()
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d} holds no config.json; check the path of the base model")
+    hf = "model_type" in json.loads((d / "config.json").read_text())
+    model = checkpoint.load_hf(d) if hf else checkpoint.load(d)
+    if not (d / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{d} holds no tokenizer.json; the recipe needs the base model's tokenizer")
+    return model.float(), Tokenizer.load(d / "tokenizer.json")
+
+
+@dataclass
+class TaskData:
+    """A classification task: examples, class names and the encoded data sets."""
+
+    train: list[dict]
+    test: list[dict]
+    class_names: tuple[str, ...]
+    world: World | None  # the world the examples come from (None for the user's own data)
+
+
+def classify_data(data: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None, *,
+                  n_train: int | None = None, n_test: int | None = None, world_seed: int = 0) -> TaskData:
+    """The world's day stories, or the user's JSONL of {"text", "label"} (labels read from it)."""
+    if data is None:
+        world = World(world_seed)
+        return TaskData(world.classification("train", n_train), world.classification("test", n_test),
+                        tuple(CLASS_NAMES), world)
+    from .data import read_classification
+
+    train_ex, names = read_classification(data)
+    if eval_data is not None:
+        test_ex, _ = read_classification(eval_data, class_names=names)
+    else:  # every fifth example is held out, by position: deterministic and stratified enough
+        train_ex, test_ex = [e for i, e in enumerate(train_ex) if i % 5], train_ex[::5]
+    return TaskData(train_ex[:n_train], test_ex[:n_test], tuple(names), None)
+
+
+def encode(examples: Sequence[dict], tok: Tokenizer, model: nn.Module) -> ClassificationDataset:
+    """Token ids of each text (cut to the model's context), as a ClassificationDataset."""
+    return ClassificationDataset(examples, tok, max_length=model.config.block_size, overflow="truncate")
+
+
+def majority_accuracy(train_ex: Sequence[dict], test_ex: Sequence[dict]) -> float:
+    """Accuracy of always answering the most common training label."""
+    top = Counter(e["label"] for e in train_ex).most_common(1)[0][0]
+    return sum(e["label"] == top for e in test_ex) / len(test_ex)
+
+
+@torch.no_grad()
+def zero_shot_scores(model: nn.Module, tok: Tokenizer, examples: Sequence[dict],
+                     verbalizers: Sequence[str], batch_size: int = 96) -> torch.Tensor:
+    """(N, K) scores: the base model reads each text and scores each class's sentence after it,
+    log p(sentence | text) = sum over the sentence's tokens of log p(x_t | x_<t). No training: the pre-training corpus ends
+    some day stories with these very sentences. A text too long for the context loses its
+    beginning, never the sentence. The class with the highest score is the answer."""
+    model.eval()
+    device = next(model.parameters()).device
+    T = model.config.block_size
+    verbs = [tok.encode(" " + v) for v in verbalizers]
+    rows, spans = [], []
+    for e in examples:
+        text = tok.encode(e["text"], add_bos=True)
+        for v in verbs:
+            ids = (text + v)[-T:]
+            rows.append(torch.tensor(ids))
+            spans.append(len(v))
+    scores = []
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s:s + batch_size]
+        ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=tok.pad_id).to(device)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in batch], batch_first=True).to(device)
+        logp = torch.log_softmax(model(ids, attention_mask=mask)[:, :-1].float(), -1)  # (B, T-1, V)
+        logp = logp.gather(2, ids[:, 1:, None]).squeeze(-1)  # (B, T-1): log p(x_t | x_<t)
+        lengths = mask.sum(1)  # (B,)
+        pos = torch.arange(ids.shape[1] - 1, device=device)  # target positions 0..T-2 predict x_1..x_{T-1}
+        n = torch.tensor(spans[s:s + batch_size], device=device)
+        in_sentence = (pos[None] >= (lengths - 1 - n)[:, None]) & (pos[None] < (lengths - 1)[:, None])
+        scores.append((logp * in_sentence).sum(1).cpu())  # (B,) log p(sentence | text)
+    return torch.cat(scores).view(len(examples), len(verbalizers))  # (N, K)
+
+
+def zero_shot_accuracy(model: nn.Module, tok: Tokenizer, examples: Sequence[dict],
+                       verbalizers: Sequence[str], batch_size: int = 96) -> float:
+    """Accuracy of the class whose sentence the model finds most likely after the text."""
+    scores = zero_shot_scores(model, tok, examples, verbalizers, batch_size)  # (N, K)
+    gold = torch.tensor([e["label"] for e in examples])
+    return float((scores.argmax(1) == gold).float().mean())
+
+
+def _held_out_blocks(world: World, tok: Tokenizer, block_size: int, n_docs: int = 300) -> PackedLMDataset:
+    return PackedLMDataset(pack_documents(world.corpus("val")[:n_docs], tok), block_size)
+
+
+def forgetting_measures(model: nn.Module, tok: Tokenizer, world: World) -> dict:
+    """What pre-training taught, measured: held-out corpus perplexity and fact recall."""
+    held = evaluate(model, _held_out_blocks(world, tok, model.config.block_size), batch_size=16)
+    return {"perplexity": held["perplexity"], "fact_recall": fact_recall(model, tok, world)["mean"]}
+
+
+_BASE_MEASURES: dict[tuple, dict] = {}
+
+
+def _fingerprint(base: str | os.PathLike | None) -> tuple:
+    weights = Path(base if base is not None else default_base()) / "model.safetensors"
+    stat = weights.stat() if weights.exists() else None
+    return (str(weights.resolve()), stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0)
+
+
+def _base_measures(key: tuple, compute: Callable[[], dict]) -> dict:
+    """The base model's numbers are the same for every method: measured once per process, keyed
+    by the weights file's path, size and modification time (a changed base is measured anew)."""
+    if key not in _BASE_MEASURES:
+        _BASE_MEASURES[key] = compute()
+    return _BASE_MEASURES[key]
+
+
+# -- training --------------------------------------------------------------------------------------
+class _CountTokens:
+    """A loss function that also counts the real tokens it saw (on the device: no host sync)."""
+
+    def __init__(self, loss_fn: Callable) -> None:
+        self.loss_fn, self.tokens = loss_fn, None
+
+    def __call__(self, model: nn.Module, batch: dict):
+        n = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        self.tokens = n if self.tokens is None else self.tokens + n
+        return self.loss_fn(model, batch)
+
+    @property
+    def count(self) -> int:
+        return int(self.tokens) if self.tokens is not None else 0
+
+
+def _optimizer(params_or_groups, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params_or_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def _train_classifier(model: nn.Module, ds, cfg: TrainConfig, pad_id: int, method: str,
+                      config: Any) -> tuple[list[dict], torch.optim.Optimizer, int]:
+    """Train through train.train; returns (history, the last optimizer, tokens seen)."""
+    counter = _CountTokens(heads.classification_loss)
+    collate = Collator(pad_id)
+    full = isinstance(config, FullConfig)
+    if full and config.gradual_unfreezing:  # ULMFiT Sec. 3.3: stage s trains the top s groups
+        groups = layer_groups(model)
+        history, per_stage = [], max(1, cfg.max_steps // len(groups))
+        for stage in range(1, len(groups) + 1):
+            for i, params in enumerate(groups):
+                for p in params:
+                    p.requires_grad_(i >= len(groups) - stage)  # the top `stage` groups train
+            stage_cfg = dataclasses.replace(cfg, max_steps=per_stage,
+                                            seed=None if cfg.seed is None else cfg.seed + stage)
+            opt = _optimizer(_groups(model, cfg, config), stage_cfg)
+            for h in train(model, ds, stage_cfg, loss_fn=counter, optimizer=opt, collate_fn=collate):
+                history.append({**h, "step": len(history) + 1, "stage": stage})
+        return history, opt, counter.count
+    opt = _optimizer(_groups(model, cfg, config), cfg)
+    history = train(model, ds, cfg, loss_fn=counter, optimizer=opt, collate_fn=collate)
+    return history, opt, counter.count
+
+
+def _groups(model: nn.Module, cfg: TrainConfig, config: Any) -> list[dict]:
+    if isinstance(config, FullConfig) and config.lr_decay is not None:
+        return discriminative_param_groups(model, cfg.lr, config.lr_decay, cfg.weight_decay)
+    return [{"params": list(protocol.trainable_parameters(model)), "lr": cfg.lr}]
+
+
+def _train_head_on_features(model: nn.Module, ds_train, ds_test, cfg: TrainConfig, pad_id: int,
+                            progress: bool) -> tuple[list[dict], torch.optim.Optimizer, float, int]:
+    """Feature extraction: the frozen encoder runs once over each split; the head trains on the
+    cached (N, C) features through the same loop, then is scored on the test features."""
+    pooling = model.head.pooling
+    f_train, y_train = heads.extract_features(model, ds_train, pooling, pad_id=pad_id, progress=progress)
+    f_test, y_test = heads.extract_features(model, ds_test, pooling, pad_id=pad_id, progress=progress)
+    opt = _optimizer(model.head.parameters(), cfg)
+    history = train(model.head, heads.FeatureDataset(f_train, y_train), cfg,
+                    loss_fn=heads.feature_loss, optimizer=opt)
+    with torch.no_grad():
+        model.head.eval()
+        acc = float((model.head(f_test).argmax(-1) == y_test).float().mean())
+    seen = min(cfg.max_steps * cfg.batch_size, 10**12)
+    tokens = seen * sum(len(x["input_ids"]) for x in ds_train) // len(ds_train)  # examples seen x mean length
+    return history, opt, acc, tokens
+
+
+# -- the recipe ------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What `run` returns: the measured result, and the trained model with its tokenizer."""
+
+    result: Result
+    model: nn.Module
+    tokenizer: Tokenizer
+
+
+def run(method: str = "adapters", task: str = "classify", *, base: str | os.PathLike | None = None,
+        config: Any = None, steps: int | None = None, lr: float | None = None,
+        batch_size: int | None = None, seed: int = 0, n_train: int | None = None,
+        n_test: int | None = None, pooling: str = "last", data: str | os.PathLike | None = None,
+        eval_data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+        measure_forgetting: bool = True, progress: bool = True, **train_kwargs: Any) -> Run:
+    """Fine-tune the base model with `method` on `task` and measure it; see the module docstring.
+
+    `config` is the method's config (default: its defaults); `steps`, `lr` and `batch_size`
+    override the method's recipe defaults; other keyword arguments go to `TrainConfig`.
+    With `out`, the trained tensors (`protocol.save_adapter`) and result.json are written there.
+    """
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    spec = METHODS[method]
+    torch.manual_seed(seed)
+    model, tok = load_base(base)
+    task_data = classify_data(data, eval_data, n_train=n_train, n_test=n_test)
+    K = len(task_data.class_names)
+    config_cls = spec.config_class()
+    if config is None:
+        config = heads.HeadConfig(num_classes=K, pooling=pooling) if method == "head" else config_cls()
+    if not isinstance(config, config_cls):
+        raise TypeError(f"method {method!r} takes a {config_cls.__name__}, got {type(config).__name__}")
+    if method == "head" and config.num_classes != K:
+        raise ValueError(f"HeadConfig(num_classes={config.num_classes}) but the task has {K} classes "
+                         f"{task_data.class_names}; pass num_classes={K}")
+    ds_train, ds_test = encode(task_data.train, tok, model), encode(task_data.test, tok, model)
+    causal, world = model.config.causal, task_data.world
+
+    # before: the base model, untouched
+    key = (*_fingerprint(base), len(task_data.test), task_data.class_names, world is not None)
+    before_zero_shot = None
+    if causal and world is not None:
+        verbalizers = [ZERO_SHOT_VERBALIZERS[c] for c in task_data.class_names]
+        before_zero_shot = _base_measures(key + ("zero_shot",), lambda: {"acc": zero_shot_accuracy(
+            model, tok, task_data.test, verbalizers)})["acc"]
+    measure = measure_forgetting and causal and world is not None
+    base_forgetting = _base_measures(key + ("forgetting",), lambda: forgetting_measures(model, tok, world)) \
+        if measure else None
+
+    # the method
+    if method == "head":
+        model = heads.apply_head(model, config)
+    else:
+        model = spec.apply(model, config)
+        heads.add_head(model, heads.HeadConfig(num_classes=K, pooling=pooling))
+    trainable, total = protocol.count_parameters(model)
+    cfg = TrainConfig(max_steps=steps or spec.steps, batch_size=batch_size or spec.batch_size,
+                      lr=lr or spec.lr, warmup_steps=max(1, (steps or spec.steps) // 10), seed=seed,
+                      progress=progress, **train_kwargs)
+
+    t0 = time.perf_counter()
+    if spec.cached_features:
+        history, opt, after, tokens = _train_head_on_features(model, ds_train, ds_test, cfg, tok.pad_id, progress)
+        train_s = time.perf_counter() - t0
+    else:
+        model.train()
+        history, opt, tokens = _train_classifier(model, ds_train, cfg, tok.pad_id, method, config)
+        train_s = time.perf_counter() - t0
+        after = heads.accuracy(model, ds_test, tok.pad_id)
+
+    forgetting: dict = {}
+    if measure:
+        now = forgetting_measures(model, tok, world)
+        forgetting = {"perplexity_before": base_forgetting["perplexity"], "perplexity_after": now["perplexity"],
+                      "fact_recall_before": base_forgetting["fact_recall"], "fact_recall_after": now["fact_recall"]}
+        if spec.disableable:
+            with protocol.disable_adapters(model):
+                off = forgetting_measures(model, tok, world)
+            forgetting.update(perplexity_disabled=off["perplexity"], fact_recall_disabled=off["fact_recall"])
+    memory = protocol.memory_bytes(model, opt)
+    result = Result(
+        method=method, task=task, metric="accuracy", before=before_zero_shot, after=after,
+        majority=majority_accuracy(task_data.train, task_data.test), trainable=trainable, total=total,
+        trainable_pct=100.0 * trainable / total, forgetting=forgetting, memory=memory,
+        bytes_per_param=memory["total_per_param"], wall_s=time.perf_counter() - start, train_s=train_s,
+        tokens_per_s=tokens / max(train_s, 1e-9), steps=cfg.max_steps, n_train=len(task_data.train),
+        n_test=len(task_data.test), seed=seed, config=_plain(dataclasses.asdict(config)),
+        train_config=_plain(cfg.to_dict()), history=[_plain(h) for h in history])
+    if out is not None:
+        protocol.save_adapter(model, out)
+        write_text(Path(out) / "result.json", result.to_json())
+    return Run(result, model.eval(), tok)
+
+
+def finetune(method: str = "adapters", task: str = "classify", **kwargs: Any) -> Result:
+    """`run(...)`'s measured `Result` (see `run` for the arguments)."""
+    return run(method, task, **kwargs).result
+
+
+def _plain(x: Any) -> Any:
+    """JSON-friendly copy of a history entry (tensors to numbers)."""
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# -- the command line: `python -m minituner finetune` ---------------------------------------------
+def add_arguments(parser) -> None:
+    """The `finetune` subcommand's options (argparse)."""
+    parser.add_argument("--method", choices=sorted(METHODS), default="adapters", help="the technique")
+    parser.add_argument("--task", choices=TASKS, default="classify", help="the task to fine-tune on")
+    parser.add_argument("--base", default=None, help="base model directory (default: weights/base)")
+    parser.add_argument("--data", default=None,
+                        help='your own JSONL of {"text": ..., "label": ...} instead of the world\'s task')
+    parser.add_argument("--eval-data", default=None, help="JSONL to evaluate on (default: every 5th line of --data)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the method's)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the method's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    parser.add_argument("--n-train", type=int, default=None, help="use the first N training examples")
+    parser.add_argument("--n-test", type=int, default=None, help="use the first N test examples")
+    parser.add_argument("--pooling", choices=("last", "mean", "first"), default="last",
+                        help="how the head reads the hidden states")
+    parser.add_argument("--placement", choices=("houlsby", "pfeiffer"), default="houlsby", help="adapters")
+    parser.add_argument("--reduction-factor", type=int, default=16, help="adapters: bottleneck m = d / this")
+    parser.add_argument("--lr-decay", type=float, default=None,
+                        help="full: ULMFiT discriminative rates, eta^(l-1) = eta^l / this (2.6)")
+    parser.add_argument("--gradual-unfreezing", action="store_true", help="full: ULMFiT gradual unfreezing")
+    parser.add_argument("--no-forgetting", action="store_true", help="skip the perplexity/fact-recall measures")
+    parser.add_argument("--out", default=None, help="write the trained tensors and result.json here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def config_from_args(args) -> Any:
+    """The method's config from the command line's options."""
+    if args.method == "full":
+        return FullConfig(lr_decay=args.lr_decay, gradual_unfreezing=args.gradual_unfreezing)
+    if args.method == "adapters":
+        from .adapters import AdapterConfig
+
+        return AdapterConfig(placement=args.placement, reduction_factor=args.reduction_factor)
+    return None  # the method's defaults (the head's num_classes comes from the task)
+
+
+def cli(args) -> int:
+    """Run `finetune` from parsed arguments; print the result row; 0 on success."""
+    result = finetune(args.method, args.task, base=args.base, config=config_from_args(args),
+                      steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                      n_train=args.n_train, n_test=args.n_test, pooling=args.pooling, data=args.data,
+                      eval_data=args.eval_data, out=args.out, measure_forgetting=not args.no_forgetting,
+                      progress=not args.quiet)
+    print(table([result]))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'result.json'} and the trained tensors (adapter.safetensors)")
+    return 0

@@ -1,0 +1,200 @@
+"""The fine-tuning recipe (minituner/finetune.py) and `python -m minituner finetune`.
+
+Everything runs on a tiny base model written to a temporary directory (a GPT-2-family
+Transformer and a BPE tokenizer trained on a few hundred of the world's texts), so the whole
+recipe — load, apply, train, evaluate, forgetting, save — runs in seconds. The slow fidelity
+test at the end uses the real base model in weights/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from minituner import checkpoint, finetune, protocol
+from minituner.__main__ import main
+from minituner.finetune import FullConfig, Result, discriminative_param_groups, layer_groups
+from minituner.model import ModelConfig, Transformer
+from minituner.tokenizer import Tokenizer
+from minituner.world import World
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny GPT-2-family base model with its tokenizer, in a directory like weights/base."""
+    d = tmp_path_factory.mktemp("tiny_base")
+    world = World(0)
+    texts = [e["text"] for e in world.classification("train", 300)] + world.corpus("train", n_docs=200)
+    tok = Tokenizer.train(texts, vocab_size=400)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="gpt2", vocab_size=tok.vocab_size, block_size=256,
+                                    n_layer=2, n_head=2, n_embd=32))
+    checkpoint.save(model, d)
+    tok.save(d / "tokenizer.json")
+    return d
+
+
+FAST = dict(n_train=48, n_test=24, batch_size=8, progress=False, measure_forgetting=False)
+
+
+# -- ULMFiT by hand ---------------------------------------------------------------------------------
+def test_layer_groups_cover_every_parameter_once_bottom_up():
+    model = Transformer(ModelConfig(family="gpt2", vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=8))
+    groups = layer_groups(model)
+    assert len(groups) == 3 + 2  # embeddings, three blocks, top
+    ids = [id(p) for g in groups for p in g]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each once (tied lm_head too)
+    assert any(p is model.tok_emb.weight for p in groups[0])
+    assert all(any(p is q for q in groups[1 + i]) for i, b in enumerate(model.blocks) for p in b.parameters())
+
+
+def test_discriminative_rates_follow_eq_2():
+    """eta^{l-1} = eta^l / 2.6: the top group at lr, the one below at lr/2.6, ..., the
+    embeddings (4 groups below the top for 3 blocks) at lr / 2.6^4."""
+    model = Transformer(ModelConfig(family="gpt2", vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=8))
+    groups = discriminative_param_groups(model, lr=1e-3, lr_decay=2.6)
+    lrs = sorted((g["lr"] for g in groups), reverse=True)
+    assert lrs == pytest.approx([1e-3, 1e-3 / 2.6, 1e-3 / 2.6 ** 2, 1e-3 / 2.6 ** 3, 1e-3 / 2.6 ** 4])
+    emb = next(g for g in groups if any(p is model.tok_emb.weight for p in g["params"]))
+    assert emb["lr"] == pytest.approx(1e-3 / 2.6 ** 4)
+
+
+def test_zero_shot_scores_are_conditional_log_probs(tiny_base):
+    """score(text, sentence) = log p(text + sentence) - log p(text): the sentence's tokens only,
+    checked against evaluate.sequence_scores on the joined texts (float32, 1e-3 nats)."""
+    from minituner.evaluate import sequence_scores
+
+    model, tok = finetune.load_base(tiny_base)
+    examples = World(0).classification("test", 4)
+    verbs = ["It was a bad day.", "It was a good day."]
+    got = finetune.zero_shot_scores(model, tok, examples, verbs, batch_size=3)  # batches cut across rows
+    joined = sequence_scores(model, tok, [f"{e['text']} {v}" for e in examples for v in verbs]).view(4, 2)
+    alone = sequence_scores(model, tok, [e["text"] for e in examples])[:, None]
+    assert torch.allclose(got, joined - alone, atol=1e-3)
+    assert finetune.zero_shot_accuracy(model, tok, examples, verbs) == pytest.approx(
+        float((got.argmax(1) == torch.tensor([e["label"] for e in examples])).float().mean()))
+
+
+def test_full_config_rejects_a_decay_below_one():
+    with pytest.raises(ValueError, match="lr_decay"):
+        FullConfig(lr_decay=0.5)
+
+
+# -- the recipe -------------------------------------------------------------------------------------
+def test_result_round_trips_through_json(tiny_base):
+    r = finetune.finetune("head", base=tiny_base, steps=5, **FAST)
+    back = Result.from_json(r.to_json())
+    assert back == r
+    assert r.metric == "accuracy" and 0 < r.trainable < r.total
+    assert r.trainable == 32 * 3 + 3  # a linear head: C*K + K
+    assert r.trainable_pct == pytest.approx(100 * r.trainable / r.total)
+
+
+@pytest.mark.parametrize("method", ["full", "head", "adapters"])
+def test_each_method_trains_only_its_part(tiny_base, method):
+    base, _ = finetune.load_base(tiny_base)
+    out = finetune.run(method, base=tiny_base, steps=3, **FAST)
+    model = out.model
+    changed = {n for n, p in model.named_parameters()
+               if n in dict(base.named_parameters()) and not torch.equal(p, dict(base.named_parameters())[n])}
+    if method == "full":
+        assert changed and any(n.startswith("blocks.0") for n in changed)
+    else:  # the base's own tensors never move
+        assert changed == set()
+    assert out.result.history and all(math.isfinite(h["loss"]) for h in out.result.history)
+
+
+def test_gradual_unfreezing_trains_the_top_first(tiny_base):
+    """Stage 1 of ULMFiT's gradual unfreezing trains only the top group: with as many steps
+    as one stage, the embeddings and blocks stay exactly where they were."""
+    base, _ = finetune.load_base(tiny_base)
+    n_groups = len(layer_groups(base))
+    out = finetune.run("full", base=tiny_base, config=FullConfig(gradual_unfreezing=True),
+                       steps=n_groups, **FAST)  # one step per stage
+    stages = [h["stage"] for h in out.result.history]
+    assert stages == list(range(1, n_groups + 1))
+    out1 = finetune.run("full", base=tiny_base, config=FullConfig(gradual_unfreezing=True),
+                        steps=1, **FAST)  # max(1, 1 // groups) = 1 step per stage: all stages
+    assert len(out1.result.history) == n_groups
+
+
+def test_adapters_disabled_give_back_the_base_measures(tiny_base):
+    r = finetune.finetune("adapters", base=tiny_base, steps=3, n_train=48, n_test=24, batch_size=8,
+                          progress=False)
+    f = r.forgetting
+    assert f["perplexity_disabled"] == f["perplexity_before"]  # exactly: no weight of the base moved
+    assert f["fact_recall_disabled"] == f["fact_recall_before"]
+    assert r.before is not None and 0 <= r.before <= 1
+
+
+def test_saved_adapter_reloads_onto_a_fresh_base(tiny_base, tmp_path):
+    out = finetune.run("adapters", base=tiny_base, steps=3, out=tmp_path / "run", **FAST)
+    assert Result.from_json((tmp_path / "run" / "result.json").read_text()) == out.result
+    fresh, tok = finetune.load_base(tiny_base)
+    fresh = protocol.load_adapter(fresh, tmp_path / "run")
+    ids = torch.tensor([tok.encode("It was Monday in Ashford.", add_bos=True)])
+    with torch.no_grad():
+        assert torch.equal(finetune.heads.classify(fresh.eval(), ids), finetune.heads.classify(out.model, ids))
+
+
+def test_unknown_method_or_wrong_config_is_a_clear_error(tiny_base):
+    with pytest.raises(ValueError, match="choose one of"):
+        finetune.finetune("nope", base=tiny_base)
+    with pytest.raises(TypeError, match="AdapterConfig"):
+        finetune.finetune("adapters", base=tiny_base, config=FullConfig(), **FAST)
+
+
+# -- the command line -------------------------------------------------------------------------------
+def test_cli_end_to_end(tiny_base, tmp_path, capsys):
+    rc = main(["finetune", "--method", "adapters", "--task", "classify", "--base", str(tiny_base),
+               "--steps", "20", "--n-train", "64", "--n-test", "32", "--batch-size", "8",
+               "--out", str(tmp_path / "out"), "--quiet", "--no-forgetting"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| adapters |" in printed
+    result = Result.from_json((tmp_path / "out" / "result.json").read_text())
+    assert result.steps == 20 and result.n_train == 64 and result.n_test == 32
+    assert (tmp_path / "out" / "adapter.safetensors").is_file()
+
+
+def test_cli_trains_on_the_users_jsonl(tiny_base, tmp_path, capsys):
+    rows = [{"text": f"the sky is {c} today number {i}", "label": c}
+            for i in range(30) for c in ("blue", "grey")]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["finetune", "--method", "head", "--base", str(tiny_base), "--data", str(data),
+               "--steps", "5", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 0
+    r = Result.from_json((tmp_path / "o" / "result.json").read_text())
+    assert r.n_train == 48 and r.n_test == 12 and r.before is None  # every fifth line held out
+
+
+def test_cli_bad_jsonl_line_names_file_line_and_field(tiny_base, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "a fine line", "label": "x"}\n{"text": "no label here"}\n')
+    rc = main(["finetune", "--method", "head", "--base", str(tiny_base), "--data", str(data), "--quiet"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert f"{data}:2" in err and "label" in err and "Traceback" not in err
+
+
+# -- fidelity on the real base model (slow) ---------------------------------------------------------
+@pytest.mark.slow
+def test_adapters_reach_full_fine_tuning_with_few_parameters():
+    """On the world's day stories, Houlsby adapters at reduction factor 16 reach full
+    fine-tuning's accuracy within 3 points with under 5% of its trainable parameters, and
+    both beat the majority class by at least 20 points.
+
+    Measured (seed 0, the recipe's defaults, 2 CPU cores): see FIDELITY in the assertions'
+    messages and the chapter 04 notebook for the committed run.
+    """
+    kw = dict(n_test=600, progress=False, measure_forgetting=False)
+    full = finetune.finetune("full", **kw)
+    adapters = finetune.finetune("adapters", **kw)
+    msg = f"full {full.after:.3f}, adapters {adapters.after:.3f}, majority {full.majority:.3f}"
+    assert adapters.trainable < 0.05 * full.trainable, msg
+    assert adapters.after >= full.after - 0.03, msg
+    assert min(full.after, adapters.after) >= full.majority + 0.20, msg

@@ -426,8 +426,9 @@ class Transformer(nn.Module):
             return allowed[None, None], False  # (1, 1, T, S)
         keys = torch.cat((attention_mask.new_ones(B, P), attention_mask), 1).bool()  # (B, S)
         allowed = allowed[None] & keys[:, None, :]  # (B, T, S): no query sees a pad key
-        allowed[:, :, P + past:] |= torch.eye(T, dtype=torch.bool, device=device)  # pad queries
-        return allowed[:, None], False  # (B, 1, T, S)      see themselves: no empty softmax row
+        # a pad query sees at least itself: no softmax row is empty (its output is unspecified)
+        allowed[:, :, P + past:] |= torch.eye(T, dtype=torch.bool, device=device)  # (B, T, T)
+        return allowed[:, None], False  # (B, 1, T, S)
 
     # -- the backbone -----------------------------------------------------------------------
     def _backbone(self, input_ids=None, inputs_embeds=None, attention_mask=None,

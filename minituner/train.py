@@ -1,7 +1,7 @@
 """The one training loop: every chapter (pre-training, full fine-tuning, PEFT, SFT, DPO) uses it.
 
-The objective is a function passed in, `loss_fn(model, batch) -> loss` (or `(loss, metrics)`),
-so classification, instruction tuning and preference losses plug in without a second loop.
+The objective is a function passed in, `loss_fn(model, batch)`, so classification, instruction
+tuning and preference losses plug in without a second loop (the `LossFn` contract is below).
 The default is the next-token (causal language modelling) loss (Radford et al. 2018/2019):
 
     L = -1/N * sum_{t : y_t != -100} log p_theta(y_t | x_{<=t})            (LM objective)
@@ -16,42 +16,67 @@ cosine decay (Loshchilov & Hutter 2017, SGDR, arXiv:1608.03983, Eq. 5), for step
     lr_s = min_lr + 1/2 (lr - min_lr) (1 + cos(pi * p)),  p = (s - W) / max(1, S - W - 1)
 
 so the first step already trains, the peak is reached at s = W - 1 and the last step uses min_lr.
+Each parameter group follows this curve scaled to its own base rate, so per-group rates
+(ULMFiT's discriminative fine-tuning, Howard & Ruder 2018, arXiv:1801.06146, Eq. 2: a lower
+rate for lower layers) keep their ratios all the way: pass the groups with `lr_scale` (or
+an optimizer built with its own per-group `lr`).
 
-Around that: gradient accumulation (k micro-batches of mean loss / k), gradient clipping by
-global norm (Pascanu et al. 2013, arXiv:1211.5063), evaluation every N steps, a tqdm bar with
-loss and tokens/s, and a history (list of dicts) for plots.
+The `LossFn` contract. `loss_fn(model, batch)` returns a scalar MEAN loss over the batch's
+units, or `(mean, metrics)` with `metrics` a dict of scalars (tensors or numbers). A unit is:
+- a target token, when `metrics["num_tokens"]` holds how many the mean is over (the LM and
+  SFT losses; ORPO's NLL part): masked prompts make that count differ between batches;
+- otherwise an example, and the loop counts the micro-batch's examples (a classification
+  head's cross-entropy, DPO's loss per preference pair).
+Gradient accumulation then gives exactly the update of one big batch of all the window's
+units: micro-batch i with mean L_i over n_i units enters as
+
+    L_window = sum_i n_i L_i / sum_i n_i                     (the big batch's mean)
+
+(the loop backpropagates n_i L_i and divides the summed gradients by sum_i n_i once, since
+the total is only known after the last forward). The logged loss is L_window, and every
+other metric is averaged with the same weights (accuracy over a window is correct / examples).
+
+Around that: gradient clipping by global norm (Pascanu et al. 2013, arXiv:1211.5063),
+evaluation every N steps, a tqdm bar with loss and tokens/s, a history (list of dicts, also
+passed to `callback` as each is logged) for plots.
+
+No host synchronization inside a step: the loss, the metrics and the gradient norm stay on
+the device. One value per step comes to the host: after the backward and the clip, before
+`optimizer.step()`, the flag isfinite(window loss) & isfinite(gradient norm), computed on the
+device (on a logging step, the logged values themselves, which give the flag). Checking once
+per step, rather than only at logging points, is what lets a NaN/Inf raise `TrainingDiverged`
+naming its step before the parameters or the optimizer's moments are touched, and before any
+checkpoint is written; the last good checkpoint stays as it was. The old loop waited for the
+device once per micro-batch and again for the norm.
 
 Reliability: data order is a seeded permutation per epoch, so the data position is two
-integers (epoch, batch). Checkpoints (every N steps) hold the model, the optimizer state, RNG
-states, the step and the data position, in safetensors + JSON (never pickle), written to a
-temporary directory and renamed into place, so a crash never leaves a half-written one.
-Resuming from one gives the same final weights, bit for bit on the CPU, as never stopping.
-A NaN/Inf loss or gradient norm raises `TrainingDiverged` before the parameters are touched;
-the last good checkpoint stays as it was.
+integers (epoch, batch). Checkpoints (every N steps, `minituner.train_state`) hold the model,
+the optimizer state, RNG states, the step and the data position, in safetensors + JSON (never
+pickle), written atomically. Resuming from one gives the same final weights, bit for bit on
+the CPU, as never stopping.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
+
+from minituner.data import IGNORE_INDEX, Collator
+from minituner.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], "torch.Tensor | tuple[torch.Tensor, dict]"]
-IGNORE_INDEX = -100
+Callback = Callable[[dict], None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,8 +90,11 @@ class TrainingDiverged(RuntimeError):
 # ---------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int | None = 100  # optimizer steps; None -> epochs * (batches per epoch / accum)
-    epochs: float | None = None  # used only when max_steps is None
+    # How long: give max_steps (optimizer steps) OR epochs (passes over the data, may be
+    # fractional: steps = ceil(epochs * batches per epoch / grad_accum_steps)), not both.
+    # Neither given: one epoch.
+    max_steps: int | None = None
+    epochs: float | None = None
     batch_size: int = 8  # examples per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step (effective batch = product)
     lr: float = 3e-4  # peak learning rate
@@ -98,9 +126,11 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"TrainConfig.{name}={v!r} must be a positive integer")
 
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("TrainConfig needs max_steps=<int> or epochs=<number> (with max_steps=None)")
-        if self.epochs is not None and self.epochs <= 0:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(f"TrainConfig got max_steps={self.max_steps} and epochs={self.epochs}; give one: "
+                             "drop epochs to train for max_steps optimizer steps, or drop max_steps to train "
+                             "for epochs passes over the data")
+        if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"TrainConfig.epochs={self.epochs} must be > 0")
         for name in ("max_steps", "eval_every", "eval_batches", "checkpoint_every"):
             positive(name, allow_none=True)
@@ -152,7 +182,7 @@ def next_token_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]
 
     `batch["labels"]` (B, T) is aligned with input_ids (HF convention) and shifted here; without
     it the targets are the input ids, with padding (attention_mask == 0) ignored.
-    Returns (loss, {"num_tokens": number of target tokens}) so averages can be token-weighted.
+    Returns (loss, {"num_tokens": number of target tokens}): the loop weights by that count.
     """
     input_ids = batch["input_ids"]  # (B, T)
     mask = batch.get("attention_mask")
@@ -182,36 +212,25 @@ def _call_loss(loss_fn: LossFn, model: nn.Module, batch: Batch) -> tuple[torch.T
     return loss, metrics
 
 
-def _num_tokens(batch: Batch, metrics: dict) -> float:
+def _units(metrics: dict, n_examples: int, device: torch.device) -> torch.Tensor:
+    """What the loss is a mean over (the LossFn contract): its target tokens if it reports
+    num_tokens, else the batch's examples. A float32 scalar on the device, without a sync."""
+    n = metrics.get("num_tokens", n_examples)
+    return torch.as_tensor(n, device=device).detach().float()
+
+
+def _tokens(batch: Batch, metrics: dict, n_examples: int) -> torch.Tensor | int:
+    """Tokens a micro-batch processed, for throughput: the loss's target tokens, else the real
+    (unpadded) input tokens, else the examples. Stays on the device."""
     if "num_tokens" in metrics:
-        return float(metrics["num_tokens"])
+        return metrics["num_tokens"]
     if "attention_mask" in batch:
-        return float(batch["attention_mask"].sum())
-    x = batch.get("input_ids")
-    return float(x.numel()) if x is not None else float(len(next(iter(batch.values()))))
+        return batch["attention_mask"].sum()
+    return batch["input_ids"].numel() if "input_ids" in batch else n_examples
 
 
 # ---------------------------------------------------------------------------- data
-def default_collate(examples: Sequence[Mapping[str, Any]]) -> Batch:
-    """Stack a list of dict examples; 1-D sequences of different lengths are right-padded
-    (input_ids with 0, labels with -100, attention_mask with 0 and created if absent)."""
-    if not examples or not isinstance(examples[0], Mapping):
-        raise TypeError("each example must be a dict of tensors, e.g. {'input_ids': tensor([...])}; "
-                        "pass collate_fn= for other formats")
-    keys = list(examples[0].keys())
-    rows = {k: [torch.as_tensor(ex[k]) for ex in examples] for k in keys}
-    ragged = [k for k, v in rows.items() if len({tuple(t.shape) for t in v}) > 1]
-    if not ragged:
-        return {k: torch.stack(v) for k, v in rows.items()}
-    bad = [k for k in ragged if any(t.dim() != 1 for t in rows[k])]
-    if bad:
-        raise ValueError(f"examples' {bad} have different shapes that are not 1-D sequences; pass collate_fn=")
-    if "attention_mask" not in rows and "input_ids" in ragged:
-        rows["attention_mask"] = [torch.ones_like(t) for t in rows["input_ids"]]
-        ragged.append("attention_mask")
-    fill = {"labels": IGNORE_INDEX}
-    return {k: (nn.utils.rnn.pad_sequence(v, batch_first=True, padding_value=fill.get(k, 0)) if k in ragged
-                else torch.stack(v)) for k, v in rows.items()}
+_STACK = Collator()  # the default collate_fn: stacks equal shapes, refuses ragged ones (no pad id)
 
 
 def _data_len(data) -> int:
@@ -230,7 +249,7 @@ def _data_len(data) -> int:
 def _make_batch(data, idx: torch.Tensor, collate_fn) -> Batch:
     if isinstance(data, Mapping) and collate_fn is None:
         return {k: v[idx] for k, v in data.items()}  # vectorized gather along the first dim
-    return (collate_fn or default_collate)([data[int(i)] for i in idx])
+    return (collate_fn or _STACK)([data[int(i)] for i in idx])
 
 
 def _epoch_order(n: int, seed: int | None, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -251,10 +270,11 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 @torch.no_grad()
 def evaluate(model: nn.Module, data, loss_fn: LossFn | None = None, *, batch_size: int = 8,
              collate_fn=None, max_batches: int | None = None, device: str | torch.device | None = None) -> dict:
-    """Mean loss over `data` (token-weighted when loss_fn reports num_tokens) and its perplexity.
+    """Mean loss over `data`, weighted by each batch's units as in training (target tokens
+    when loss_fn reports num_tokens, else examples), and its perplexity.
 
-    The model is put in eval mode and its previous mode restored. Returns
-    {"loss", "perplexity", "num_tokens"}.
+    The model is put in eval mode and its previous mode restored. Sums stay on the device
+    until the end. Returns {"loss", "perplexity", "num_tokens"} (num_tokens: the units).
     """
     loss_fn = loss_fn or next_token_loss
     n = _data_len(data)
@@ -263,19 +283,19 @@ def evaluate(model: nn.Module, data, loss_fn: LossFn | None = None, *, batch_siz
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
-    total, weight = 0.0, 0.0
+    total = weight = torch.zeros((), device=device)
     try:
         for b, start in enumerate(range(0, n, batch_size)):
             if max_batches is not None and b >= max_batches:
                 break
-            batch = _to_device(_make_batch(data, torch.arange(start, min(n, start + batch_size)), collate_fn), device)
+            idx = torch.arange(start, min(n, start + batch_size))
+            batch = _to_device(_make_batch(data, idx, collate_fn), device)
             loss, metrics = _call_loss(loss_fn, model, batch)
-            w = float(metrics["num_tokens"]) if "num_tokens" in metrics else float(min(n, start + batch_size) - start)
-            total += float(loss) * w
-            weight += w
+            w = _units(metrics, len(idx), device)
+            total, weight = total + loss.float() * w, weight + w
     finally:
         model.train(was_training)
-    mean = total / max(weight, 1e-12)
+    mean, weight = (total / weight.clamp(min=1e-12)).item(), weight.item()
     return {"loss": mean, "perplexity": perplexity(mean), "num_tokens": weight}
 
 
@@ -285,186 +305,104 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: decayed matrices, and the rest (biases, norm gains,
-    embeddings, any 1-D tensor) without weight decay. Tied parameters appear once."""
+def param_groups(model: nn.Module, weight_decay: float, groups: Iterable[Mapping[str, Any]] | None = None
+                 ) -> list[dict]:
+    """Trainable parameters in optimizer groups: decayed matrices, and the rest (biases, norm
+    gains, embeddings, any 1-D tensor) without weight decay. Tied parameters appear once.
+
+    `groups` (optional): the caller's groups, e.g. one per layer with its own `lr_scale` for
+    discriminative rates, `[{"params": [...], "lr_scale": 0.38}, ...]`; each is split the same
+    way and keeps its other keys. Parameters in no group are not trained.
+    """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():  # parameters() already deduplicates tied weights
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    if not decay and not no_decay:
+    if groups is None:
+        groups = [{"params": model.parameters()}]  # parameters() already deduplicates tied weights
+    out, seen = [], set()
+    for group in groups:
+        extra = {k: v for k, v in group.items() if k != "params"}
+        decay, no_decay = [], []
+        for p in group["params"]:
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        out += [g for g in ({**extra, "params": decay, "weight_decay": weight_decay},
+                            {**extra, "params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if not out:
         raise ValueError("the model has no trainable parameters (all requires_grad=False); "
                          "apply an adapter or unfreeze some parameters")
-    return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return out
 
 
 def _build_optimizer(model: nn.Module, config: TrainConfig, optimizer) -> torch.optim.Optimizer:
-    if optimizer is None:
-        return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                 betas=config.betas, eps=config.eps)
     if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer
+        return optimizer  # the caller's: its per-group lr are the schedule's peaks
+    groups = None
+    if isinstance(optimizer, (list, tuple)):  # param groups with lr_scale: AdamW from the config
+        if not all(isinstance(g, Mapping) and "params" in g for g in optimizer):
+            raise TypeError("a list passed as optimizer= must hold param-group dicts {'params': [...], "
+                            "'lr_scale': x}")
+        groups = [{**{k: v for k, v in g.items() if k != "lr_scale"},
+                   "lr": config.lr * g.get("lr_scale", 1.0)} for g in optimizer]
+        optimizer = None
+    groups = param_groups(model, config.weight_decay, groups)
+    if optimizer is None:
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
     if callable(optimizer):  # a factory: optimizer(param_groups) -> Optimizer
-        opt = optimizer(param_groups(model, config.weight_decay))
+        opt = optimizer(groups)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer")
         return opt
-    raise TypeError("optimizer must be None (AdamW), a torch.optim.Optimizer, or a callable "
-                    "param_groups -> Optimizer (e.g. functools.partial(torch.optim.SGD, lr=0.1))")
-
-
-# ---------------------------------------------------------------------------- optimizer (de)serialization
-def _to_json(x):
-    if isinstance(x, tuple):
-        return {"__tuple__": [_to_json(v) for v in x]}
-    if isinstance(x, list):
-        return [_to_json(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): _to_json(v) for k, v in x.items()}
-    if isinstance(x, torch.dtype):
-        return {"__dtype__": str(x).removeprefix("torch.")}
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    raise TypeError(f"optimizer state holds a {type(x).__name__}, which cannot be stored without pickle")
-
-
-def _from_json(x):
-    if isinstance(x, dict):
-        if "__tuple__" in x:
-            return tuple(_from_json(v) for v in x["__tuple__"])
-        if "__dtype__" in x:
-            return getattr(torch, x["__dtype__"])
-        return {k: _from_json(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_from_json(v) for v in x]
-    return x
-
-
-def optimizer_state_to_safetensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split `optimizer.state_dict()` into tensors ("state.<param id>.<name>") and a JSON tree."""
-    tensors, meta = {}, {"param_groups": _to_json(state_dict["param_groups"]), "state": {}}
-    for pid, st in state_dict["state"].items():
-        entry = {}
-        for name, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state.{pid}.{name}"] = v.detach().cpu().contiguous().clone()
-                entry[name] = {"__tensor__": f"state.{pid}.{name}"}
-            else:
-                entry[name] = _to_json(v)
-        meta["state"][str(pid)] = entry
-    return tensors, meta
-
-
-def optimizer_state_from_safetensors(tensors: Mapping[str, torch.Tensor], meta: dict) -> dict:
-    """Inverse of `optimizer_state_to_safetensors`: a dict for `optimizer.load_state_dict`."""
-    state = {}
-    for pid, entry in meta["state"].items():
-        state[int(pid)] = {name: (tensors[v["__tensor__"]] if isinstance(v, dict) and "__tensor__" in v
-                                  else _from_json(v)) for name, v in entry.items()}
-    return {"state": state, "param_groups": _from_json(meta["param_groups"])}
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
-    meta = {"python": _to_json(random.getstate()), "numpy": [kind, int(pos), int(has_gauss), float(gauss)]}
-    return tensors, meta
-
-
-def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda.{i}"] for i in range(len([k for k in tensors if k.startswith("cuda.")]))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    random.setstate(_from_json(meta["python"]))
-    kind, pos, has_gauss, gauss = meta["numpy"]
-    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-
-
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint (`step_XXXXXXXX`) in the directory, or None."""
-    d = Path(checkpoint_dir)
-    if not d.is_dir():
-        return None
-    done = sorted(p for p in d.glob("step_*") if p.is_dir() and (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
-
-
-def save_checkpoint(checkpoint_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep: int = 2) -> Path:
-    """Write `checkpoint_dir/step_<step>` atomically: files go to a hidden temporary directory,
-    which is fsynced then renamed into place; older checkpoints beyond `keep` are removed."""
-    root = Path(checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{trainer_state['step']:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) weights
-    opt_tensors, opt_meta = optimizer_state_to_safetensors(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    for name, obj in (("optimizer.json", opt_meta), ("rng.json", rng_meta), ("trainer_state.json", trainer_state)):
-        (tmp / name).write_text(json.dumps(obj, indent=1))
-    for f in tmp.iterdir():  # flush file contents before the rename makes them visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # re-saving a step: move the old one aside first
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)  # atomic: the checkpoint appears complete or not at all
-    for stale in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(stale)
-    return final
-
-
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = True) -> dict:
-    """Load a checkpoint written by `save_checkpoint` into `model` (and `optimizer`, RNGs);
-    returns its trainer_state dict."""
-    path = Path(path)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no trainer_state.json); "
-                                "use latest_checkpoint(dir) to find one")
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing keys {missing[:10]}, "
-                         f"unexpected keys {unexpected[:10]}; build the model with the same config and adapters")
-    if optimizer is not None:
-        meta = json.loads((path / "optimizer.json").read_text())
-        optimizer.load_state_dict(optimizer_state_from_safetensors(load_file(str(path / "optimizer.safetensors")), meta))
-    if restore_rng:
-        _set_rng_state(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
-    return json.loads((path / "trainer_state.json").read_text())
+    raise TypeError("optimizer must be None (AdamW), a torch.optim.Optimizer, a list of param groups with "
+                    "'lr_scale', or a callable param_groups -> Optimizer (e.g. functools.partial(torch.optim.SGD, "
+                    "lr=0.1))")
 
 
 # ---------------------------------------------------------------------------- the loop
 _ORDER_FIELDS = ("batch_size", "grad_accum_steps", "seed", "shuffle", "drop_last")
 
 
+class _Window:
+    """Sums over one accumulation window, kept on the device (no host sync):
+    sum_i n_i L_i, sum_i n_i, the metrics weighted the same way, and the tokens processed."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.losses: list[torch.Tensor] = []  # each micro-batch's mean, for the divergence message
+        self.loss_sum = self.units = torch.zeros((), device=device)
+        self.metric_sums: dict[str, torch.Tensor] = {}
+        self.tokens: torch.Tensor | int = 0
+
+    def add(self, loss: torch.Tensor, units: torch.Tensor, metrics: dict, tokens) -> None:
+        loss = loss.detach().float()
+        self.losses.append(loss)
+        self.loss_sum = self.loss_sum + loss * units
+        self.units = self.units + units
+        for k, v in metrics.items():
+            if k != "num_tokens":
+                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=self.device)
+                self.metric_sums[k] = self.metric_sums.get(k, 0.0) + v * units
+        self.tokens = self.tokens + tokens
+
+    def mean_loss(self) -> torch.Tensor:
+        return self.loss_sum / self.units.clamp(min=1)  # L_window
+
+
 def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn | None = None,
-          optimizer=None, eval_data=None, collate_fn=None) -> list[dict]:
+          optimizer=None, eval_data=None, collate_fn=None, callback: Callback | None = None) -> list[dict]:
     """Train `model` in place; returns the history, one dict per logged step
     ({"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", ...metrics},
-    plus "eval_loss"/"eval_perplexity" on evaluation steps).
+    plus "eval_loss"/"eval_perplexity" on evaluation steps). "lr" is the first param group's,
+    "tokens" the running total (see `_tokens`), "tokens_per_s" since the previous entry.
+    `callback(entry)` is called with each entry as it is logged (live plots, early looks).
 
     train_data: a map-style data set (len, [i] -> dict of tensors) or a dict of tensors with
-    a shared first dimension. optimizer: None (AdamW from the config, no decay on biases,
-    norms and embeddings), an Optimizer instance (its per-group lr are the schedule's peaks),
-    or a factory param_groups -> Optimizer.
+    a shared first dimension. collate_fn: None stacks equal-shape examples (and refuses
+    ragged ones); pass `data.Collator(tokenizer.pad_id)` to pad. optimizer: None (AdamW from
+    the config, no decay on biases, norms and embeddings); a list of param groups with
+    `lr_scale` multipliers of config.lr (AdamW, each group split for decay as above); an
+    Optimizer instance (its per-group lr are the schedule's peaks); or a factory
+    param_groups -> Optimizer. loss_fn: see the module docstring's LossFn contract.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -474,14 +412,16 @@ def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn 
     if per_epoch == 0:
         raise ValueError(f"the training set has {n} examples, fewer than batch_size={config.batch_size} "
                          "with drop_last=True" if n else "the training set is empty")
-    max_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accum_steps))
+    accum = config.grad_accum_steps  # k micro-batches per optimizer step
+    epochs = 1.0 if config.epochs is None else config.epochs  # neither given: one epoch
+    max_steps = config.max_steps or max(1, math.ceil(epochs * per_epoch / accum))
     device = torch.device(config.device) if config.device else _model_device(model)
     model.to(device)
     opt = _build_optimizer(model, config, optimizer)
     for g in opt.param_groups:
         g.setdefault("initial_lr", g["lr"])  # the schedule's peak for this group
 
-    step, epoch, batch_in_epoch, tokens_seen, history = 0, 0, 0, 0.0, []
+    step, epoch, batch_in_epoch, tokens_seen, history = 0, 0, 0, 0, []
     ckpt = latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None
     if ckpt is not None and not config.resume:
         raise ValueError(f"{config.checkpoint_dir} already holds a checkpoint ({ckpt.name}); pass resume=True "
@@ -498,7 +438,7 @@ def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn 
             raise ValueError(f"cannot resume from {ckpt}: the data order changed (saved vs now: {diff}, "
                              f"examples {state['num_examples']} vs {n}); resume with the same config and data")
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        tokens_seen, history = state["tokens_seen"], state["history"]
+        tokens_seen, history = int(state["tokens_seen"]), state["history"]
 
     def trainer_state() -> dict:
         return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "num_examples": n,
@@ -508,68 +448,90 @@ def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn 
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if config.amp_dtype else None
     order = _epoch_order(n, config.seed, epoch, config.shuffle)
     bar = tqdm(total=max_steps, initial=step, disable=not config.progress, desc="train", dynamic_ncols=True)
+    pending_tokens, t_last = 0, time.perf_counter()  # tokens since the last host read, and its time
     model.train()
     try:
         while step < max_steps:
-            t0, loss_sum, tokens, metric_sums = time.perf_counter(), 0.0, 0.0, {}
-            for g in opt.param_groups:  # warmup + cosine, relative to each group's peak
+            for g in opt.param_groups:  # warmup + cosine, scaled to each group's own peak
                 g["lr"] = g["initial_lr"] * lr_at(step, lr=1.0, min_lr=config.min_lr / config.lr,
                                                    warmup_steps=config.warmup_steps, max_steps=max_steps)
-            for micro in range(config.grad_accum_steps):
+            window = _Window(device)
+            for _ in range(accum):
                 if batch_in_epoch >= per_epoch:  # next epoch, next permutation
                     epoch, batch_in_epoch = epoch + 1, 0
                     order = _epoch_order(n, config.seed, epoch, config.shuffle)
                 idx = order[batch_in_epoch * config.batch_size:(batch_in_epoch + 1) * config.batch_size]
                 batch = _to_device(_make_batch(train_data, idx, collate_fn), device)
                 batch_in_epoch += 1
-                if amp is not None:
-                    with amp:
-                        loss, metrics = _call_loss(loss_fn, model, batch)
-                else:
+                with amp if amp is not None else contextlib.nullcontext():
                     loss, metrics = _call_loss(loss_fn, model, batch)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    opt.zero_grad(set_to_none=True)
-                    raise TrainingDiverged(_diverged_msg("loss", value, step + 1, micro, opt, config), step + 1)
-                (loss / config.grad_accum_steps).backward()  # mean over micro-batches = big-batch mean
-                loss_sum += value
-                tokens += _num_tokens(batch, metrics)
-                for k, v in metrics.items():
-                    if k != "num_tokens":
-                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-            grad_norm = float(nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf")))
-            if not math.isfinite(grad_norm):
+                units = _units(metrics, len(idx), device)  # n_i
+                # one micro-batch: the mean is the update; k of them: backprop n_i L_i, divide below
+                (loss if accum == 1 else loss * units).backward()
+                window.add(loss, units, metrics, _tokens(batch, metrics, len(idx)))
+            if accum > 1:  # sum_i n_i grad L_i / sum_i n_i = grad L_window
+                inv = 1.0 / window.units.clamp(min=1)
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(inv)
+            grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))  # device scalar
+
+            done = step + 1
+            do_eval = eval_data is not None and (done == max_steps or bool(config.eval_every)
+                                                 and done % config.eval_every == 0)
+            do_ckpt = config.checkpoint_dir is not None and (done == max_steps or bool(config.checkpoint_every)
+                                                             and done % config.checkpoint_every == 0)
+            do_log = do_eval or done % config.log_every == 0 or done == max_steps
+            pending_tokens = pending_tokens + window.tokens
+            # the step's one host read: the logged values (whose finiteness is the flag), or the flag
+            if do_log or do_ckpt:
+                names = list(window.metric_sums)
+                values = torch.stack([window.mean_loss(), grad_norm.float(),
+                                      *(window.metric_sums[m] / window.units.clamp(min=1) for m in names)]).tolist()
+                finite = math.isfinite(values[0]) and math.isfinite(values[1])
+                tokens_now = int(pending_tokens)  # computed already: this read waits for nothing
+            else:
+                finite = bool(torch.isfinite(window.loss_sum + grad_norm))
+            if not finite:
                 opt.zero_grad(set_to_none=True)
-                raise TrainingDiverged(_diverged_msg("gradient norm", grad_norm, step + 1, None, opt, config), step + 1)
+                raise TrainingDiverged(_diverged_msg(window, grad_norm, done, opt, config), done)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens
-            dt = time.perf_counter() - t0
-            entry = {"step": step, "epoch": epoch, "loss": loss_sum / config.grad_accum_steps,
-                     "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens": tokens_seen,
-                     "tokens_per_s": tokens / max(dt, 1e-9)}
-            entry.update({k: v / config.grad_accum_steps for k, v in metric_sums.items()})
-            do_eval = eval_data is not None and (step == max_steps or (config.eval_every and step % config.eval_every == 0))
+            step = done
+            bar.update(1)
+            if not (do_log or do_ckpt):
+                continue
+            tokens_seen, pending_tokens = tokens_seen + tokens_now, 0
+            now = time.perf_counter()
+            entry = {"step": step, "epoch": epoch, "loss": values[0], "lr": opt.param_groups[0]["lr"],
+                     "grad_norm": values[1], "tokens": tokens_seen,
+                     "tokens_per_s": tokens_now / max(now - t_last, 1e-9), **dict(zip(names, values[2:]))}
+            t_last = now
             if do_eval:
                 ev = evaluate(model, eval_data, loss_fn, batch_size=config.batch_size, collate_fn=collate_fn,
                               max_batches=config.eval_batches, device=device)
                 entry.update(eval_loss=ev["loss"], eval_perplexity=ev["perplexity"])
-            if do_eval or step % config.log_every == 0 or step == max_steps:
+            if do_log:
                 history.append(entry)
-            bar.update(1)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
-            if config.checkpoint_dir and (step == max_steps or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+                if callback is not None:
+                    callback(entry)
+            if do_ckpt:
                 save_checkpoint(config.checkpoint_dir, model, opt, trainer_state(), keep=config.keep_checkpoints)
     finally:
         bar.close()
     return history
 
 
-def _diverged_msg(what: str, value: float, step: int, micro: int | None, opt, config: TrainConfig) -> str:
-    where = f"step {step}" + (f" (micro-batch {micro})" if micro is not None else "")
+def _diverged_msg(window: _Window, grad_norm: torch.Tensor, step: int, opt, config: TrainConfig) -> str:
+    """Which value went non-finite, and where (read from the device: training stops anyway)."""
+    bad = [(i, v) for i, v in enumerate(x.item() for x in window.losses) if not math.isfinite(v)]
+    if bad:
+        where = f"loss is {bad[0][1]} at step {step} (micro-batch {bad[0][0]})"
+    else:
+        where = f"gradient norm is {grad_norm.item()} at step {step}"
     last = latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None
     kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
-    return (f"training diverged: {what} is {value} at {where}; the parameters were not updated and {kept}. "
+    return (f"training diverged: {where}; the parameters were not updated and {kept}. "
             f"Lower the learning rate (lr={opt.param_groups[0]['lr']:.3g} now), enable or tighten gradient "
             f"clipping (grad_clip={config.grad_clip}), add warmup, or check the data and loss_fn.")

@@ -1,6 +1,8 @@
-"""Tests for minituner/train.py: the schedule by hand, the loss by hand, resume bit for bit,
-the NaN guard, overfitting one batch, gradient-accumulation parity, optimizer-state
-serialization round trips, evaluation parity, and clear errors."""
+"""Tests for minituner/train.py and minituner/train_state.py: the schedule by hand (per param
+group), the loss by hand, resume bit for bit, the NaN guard, overfitting one batch,
+gradient-accumulation parity with unequal token and example counts, an oracle classifier's
+exact accuracy and loss, host reads per step, optimizer-state serialization round trips,
+evaluation parity, and clear errors."""
 
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minituner.data import Collator
 from minituner.model import ModelConfig, Transformer
-from minituner.train import (TrainConfig, TrainingDiverged, default_collate, evaluate, latest_checkpoint,
-                             load_checkpoint, lr_at, next_token_loss, optimizer_state_from_safetensors,
-                             optimizer_state_to_safetensors, param_groups, train)
+from minituner.train import TrainConfig, TrainingDiverged, evaluate, lr_at, next_token_loss, param_groups, train
+from minituner.train_state import (latest_checkpoint, load_checkpoint, optimizer_state_from_safetensors,
+                                   optimizer_state_to_safetensors)
 
 V = 48
 
@@ -51,6 +54,53 @@ def test_schedule_values_by_hand():
     hist = train(tiny(), lm_data(), quiet(max_steps=6, batch_size=4, lr=1.0, min_lr=0.1, warmup_steps=2),
                  optimizer=functools.partial(torch.optim.SGD, lr=1.0))
     assert [h["lr"] for h in hist] == pytest.approx([0.5, 1.0, 1.0, 0.775, 0.325, 0.1], abs=1e-12)
+
+
+def test_schedule_scales_each_groups_own_base_lr():
+    """ULMFiT-style per-group rates. (a) A caller's SGD with group lrs 1.0 and 0.25: at every
+    step group 1 runs at exactly 0.25 x group 0, and group 0 follows the hand values above.
+    (b) Groups passed with lr_scale get AdamW at config.lr * lr_scale. AdamW's first step, with
+    bias correction m_hat = g and v_hat = g^2, moves each weight by lr_0 * g / (|g| + eps), so
+    the largest move in a group is its step-0 rate, lr * scale * 1/W in warmup (W = 2);
+    parameters in no group do not move."""
+    model = tiny()
+    blocks = list(model.blocks)
+    opt = torch.optim.SGD([{"params": blocks[0].parameters(), "lr": 1.0},
+                           {"params": blocks[1].parameters(), "lr": 0.25}], lr=1.0)
+    seen = []
+    train(model, lm_data(), quiet(max_steps=6, batch_size=4, lr=1.0, min_lr=0.1, warmup_steps=2), optimizer=opt,
+          callback=lambda entry: seen.append([g["lr"] for g in opt.param_groups]))
+    assert [a for a, _ in seen] == pytest.approx([0.5, 1.0, 1.0, 0.775, 0.325, 0.1], abs=1e-12)
+    assert [b for _, b in seen] == pytest.approx([0.25 * a for a, _ in seen], abs=1e-12)
+
+    model = tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = [{"params": model.blocks[0].parameters(), "lr_scale": 1.0},
+              {"params": model.blocks[1].parameters(), "lr_scale": 0.25}]
+    train(model, lm_data(), quiet(max_steps=1, batch_size=4, lr=1e-2, warmup_steps=2, weight_decay=0.0),
+          optimizer=groups)
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    top = {i: max(v for n, v in moved.items() if n.startswith(f"blocks.{i}.")) for i in (0, 1)}
+    assert top[0] == pytest.approx(1e-2 / 2, rel=1e-4) and top[1] == pytest.approx(0.25 * 1e-2 / 2, rel=1e-4)
+    assert all(v == 0 for n, v in moved.items() if not n.startswith("blocks."))
+    # each lr_scale group is split for weight decay like the default groups
+    split = param_groups(model, 0.1, [{"params": model.blocks[1].parameters(), "lr": 0.5}])
+    assert [(g["weight_decay"], g["lr"]) for g in split] == [(0.1, 0.5), (0.0, 0.5)]
+    assert all(p.dim() == 2 for p in split[0]["params"]) and all(p.dim() == 1 for p in split[1]["params"])
+
+
+def test_epochs_or_max_steps():
+    """24 examples in micro-batches of 4 are 6 batches per epoch; with 2 per step, epochs=3 is
+    ceil(3 * 6 / 2) = 9 optimizer steps (not the old default's 100); neither given is one epoch
+    (3 steps); both given is an error naming which to drop."""
+    hist = train(tiny(), lm_data(), quiet(epochs=3, batch_size=4, grad_accum_steps=2))
+    assert [h["step"] for h in hist] == list(range(1, 10)) and hist[-1]["epoch"] == 2
+    hist = train(tiny(), lm_data(), quiet(batch_size=4, grad_accum_steps=2))
+    assert len(hist) == 3 and hist[-1]["epoch"] == 0
+    hist = train(tiny(), lm_data(), quiet(epochs=0.5, batch_size=4))
+    assert len(hist) == 3
+    with pytest.raises(ValueError, match="drop epochs.*drop max_steps"):
+        TrainConfig(max_steps=10, epochs=3)
 
 
 def test_next_token_loss_by_hand():
@@ -160,7 +210,8 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path):
     for (name, p), q in zip(model.state_dict().items(), restored.state_dict().values()):
         assert torch.equal(p, q), name
     assert all(p.grad is None for p in model.parameters())
-    assert not list(tmp_path.glob(".tmp-*"))
+    # the newest keep_checkpoints=2, and no temporary directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000004"]
 
 
 def test_inf_gradient_is_caught():
@@ -195,29 +246,86 @@ def test_overfits_one_batch(family):
     assert hist[-1]["loss"] < h1 / 4, (hist[-1]["loss"], h1)
 
 
-def test_grad_accumulation_equals_big_batch():
-    """Parity: 2 micro-batches of 4 (loss/2 each) give the same update as one batch of 8, with
-    equal-length unpadded sequences so the two means coincide. SGD keeps the update linear in the
-    gradient; tolerance 1e-6 covers float32 summation order."""
-    data = lm_data(n=16, T=12)
-    runs = {}
-    for bs, k in ((8, 1), (4, 2), (2, 4)):
+def _accumulated(data, configs, loss_fn=None, max_steps=2):
+    """Final weights and history of SGD runs over the same examples per step."""
+    out = []
+    for bs, k in configs:
         model = tiny()
-        train(model, data, quiet(max_steps=3, batch_size=bs, grad_accum_steps=k, shuffle=False, grad_clip=None),
-              optimizer=functools.partial(torch.optim.SGD, lr=0.5))
-        runs[k] = model.state_dict()
-    moved = max((runs[1][n] - tiny().state_dict()[n]).abs().max().item() for n in runs[1])
+        hist = train(model, data, quiet(max_steps=max_steps, batch_size=bs, grad_accum_steps=k, shuffle=False,
+                                        grad_clip=None), optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+                     loss_fn=loss_fn)
+        out.append((model.state_dict(), hist))
+    return out
+
+
+def _assert_same_updates(runs):
+    (ref, ref_hist), rest = runs[0], runs[1:]
+    moved = max((ref[n] - tiny().state_dict()[n]).abs().max().item() for n in ref)
     assert moved > 1e-3  # the runs really trained
-    for k in (2, 4):
-        for n in runs[1]:
-            torch.testing.assert_close(runs[k][n], runs[1][n], atol=1e-6, rtol=0)
+    for weights, hist in rest:
+        for n in ref:
+            torch.testing.assert_close(weights[n], ref[n], atol=1e-6, rtol=0)
+        # the logged loss is the window's weighted mean: the big batch's loss
+        assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], abs=1e-6)
+
+
+def test_grad_accumulation_equals_big_batch_with_unequal_token_counts():
+    """Parity: k micro-batches give the update of one batch of all their target tokens, when
+    the micro-batches hold very different numbers of them (prompts of 0..10 of 12 positions
+    masked, as in SFT): sum_i n_i L_i / sum_i n_i = the big batch's token mean. Averaging
+    the micro-batch means instead (the old loop) weights a token of a short answer more.
+    SGD keeps the update linear in the gradient; 1e-6 covers float32 summation order."""
+    data = lm_data(n=8, T=12)
+    prompt = torch.tensor([1, 10, 3, 11, 0, 6, 9, 2])  # masked prompt length per example
+    data["labels"] = data["input_ids"].masked_fill(torch.arange(12) < prompt[:, None], -100)
+    _assert_same_updates(_accumulated(data, ((8, 1), (4, 2), (2, 4))))
+
+
+def test_grad_accumulation_of_per_example_means():
+    """A loss without num_tokens is a mean over examples (classification, DPO per pair), and
+    the window weights each micro-batch by its examples: 10 examples as micro-batches of
+    4, 4 and 2 give the update of one batch of 10 (mean-of-means would weight the last two
+    examples 5/3 times more)."""
+    g = torch.Generator().manual_seed(4)
+    data = {"input_ids": torch.randint(0, V, (10, 6), generator=g), "y": torch.randint(0, V, (10,), generator=g)}
+
+    def last_token_class(m, b):
+        return F.cross_entropy(m(b["input_ids"])[:, -1], b["y"])  # (B, V) -> mean over examples
+
+    _assert_same_updates(_accumulated(data, ((10, 1), (4, 3)), loss_fn=last_token_class))
+
+
+def test_at_most_one_host_read_per_step(monkeypatch):
+    """No host sync inside a step: count the device-to-host reads (item, tolist, float, int,
+    bool of a tensor) made by train.py itself. 5 steps of 4 micro-batches, logged only at the
+    end: one finiteness flag per step, and at the logged last step the values plus the token
+    count, so 5 + 1 reads. The old loop read each micro-batch's loss and token count and the
+    gradient norm: 45."""
+    import sys
+    import minituner.train as train_module
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **kw):
+            if sys._getframe(1).f_code.co_filename == train_module.__file__:
+                reads.append(sys._getframe(1).f_code.co_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    hist = train(tiny(), lm_data(n=40), quiet(max_steps=5, batch_size=2, grad_accum_steps=4, log_every=100),
+                 optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    assert len(hist) == 1 and len(reads) == 6, reads
 
 
 def test_seeded_runs_are_deterministic():
-    a, b = tiny(dropout=0.2), tiny(dropout=0.2)
-    for m in (a, b):
-        train(m, lm_data(), quiet(max_steps=4, batch_size=4, seed=11))
+    """Same seed, same result bit for bit (dropout masks and data order come from it); another
+    seed gives another result, so the first assertion is not vacuous."""
+    a, b, c = tiny(dropout=0.2), tiny(dropout=0.2), tiny(dropout=0.2)
+    for m, seed in ((a, 11), (b, 11), (c, 12)):
+        train(m, lm_data(), quiet(max_steps=4, batch_size=4, seed=seed))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
 
 
 # ------------------------------------------------------------------ optimizer groups and state
@@ -289,34 +397,55 @@ def test_evaluate_matches_whole_set_nll_and_history_has_eval():
     assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= hist[0].keys()
 
 
-def test_custom_loss_metrics_and_collate():
-    """A classification loss_fn returning (loss, metrics) on variable-length examples padded by
-    the default collate: metrics land in the history; padding adds an attention mask and
-    labels are padded with -100."""
-    batch = default_collate([{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([1, 2, 3])},
-                             {"input_ids": torch.tensor([4]), "labels": torch.tensor([4])}])
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
+class Oracle(nn.Module):
+    """A classifier whose answer is written in the input: it predicts class input_ids[:, 0]
+    with logit margin a (logits [a, 0] or [0, a]). The bias b starts at 0 so the loss has a
+    gradient but does not change the answers of the first step."""
 
-    examples = [{"input_ids": torch.randint(0, V, (3 + i % 4,)), "label": torch.tensor(i % 2)} for i in range(12)]
-    model = tiny()
-    head = nn.Linear(V, 2)
-    model.add_module("cls_head", head)
+    def __init__(self, a: float = 2.0):
+        super().__init__()
+        self.a, self.b = a, nn.Parameter(torch.zeros(2))
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.a * F.one_hot(input_ids[:, 0], 2).float() + self.b  # (B, 2)
+
+
+def test_oracle_classifier_exact_accuracy_loss_and_tokens():
+    """10 examples, micro-batches of 4, 4, 2 in one step (shuffle off, 3 accumulated): the
+    oracle is right on examples 0-3 and 8-9 and wrong on 4-7. By hand: accuracy 6/10 = 0.6
+    (the mean of the micro-batch accuracies would be (1 + 0 + 1)/3); cross-entropy of a right
+    answer with margin a is ln(1 + e^-a), of a wrong one ln(1 + e^a), so the loss is
+    (6 ln(1 + e^-a) + 4 ln(1 + e^a)) / 10. The examples are ragged (lengths 1 + i mod 3), so
+    the Collator pads them and "tokens" counts real tokens: sum of the lengths = 19."""
+    right = [True] * 4 + [False] * 4 + [True] * 2
+    labels = [i % 2 for i in range(10)]
+    examples = [{"input_ids": torch.tensor([y if ok else 1 - y] + [7] * (i % 3)), "label": torch.tensor(y)}
+                for i, (y, ok) in enumerate(zip(labels, right))]
 
     def cls_loss(m, b):
-        logits = m.cls_head(m(b["input_ids"], attention_mask=b["attention_mask"])[:, 0])  # (B, 2)
+        logits = m(b["input_ids"], attention_mask=b["attention_mask"])  # (B, 2)
         return F.cross_entropy(logits, b["label"]), {"accuracy": (logits.argmax(-1) == b["label"]).float().mean()}
 
-    hist = train(model, examples, quiet(max_steps=3, batch_size=4), loss_fn=cls_loss)
-    assert all(0.0 <= h["accuracy"] <= 1.0 for h in hist) and len(hist) == 3
+    a = 2.0
+    logged = []
+    hist = train(Oracle(a), examples, quiet(max_steps=1, batch_size=4, grad_accum_steps=3, shuffle=False),
+                 loss_fn=cls_loss, collate_fn=Collator(pad_id=0), callback=logged.append)
+    assert logged == hist and len(hist) == 1
+    assert hist[0]["accuracy"] == pytest.approx(0.6, abs=1e-6)
+    assert hist[0]["loss"] == pytest.approx((6 * math.log1p(math.exp(-a)) + 4 * math.log1p(math.exp(a))) / 10,
+                                            abs=1e-6)
+    assert hist[0]["tokens"] == sum(1 + i % 3 for i in range(10))
+    with pytest.raises(ValueError, match=r"Collator\(tokenizer.pad_id\)"):
+        train(Oracle(a), examples, quiet(max_steps=1, batch_size=4), loss_fn=cls_loss)
 
 
 def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match="lr > 0"):
         TrainConfig(lr=-1.0)
     with pytest.raises(ValueError, match="max_steps"):
-        TrainConfig(max_steps=None)
+        TrainConfig(max_steps=0)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         TrainConfig(checkpoint_every=5)
     with pytest.raises(ValueError, match="grad_clip"):

@@ -52,6 +52,7 @@ TECHNIQUES: dict[str, tuple[str, str, str]] = {
     "full": ("minituner.finetune", "FullConfig", "apply_full"),
     "head": ("minituner.heads", "HeadConfig", "apply_head"),
     "adapters": ("minituner.adapters", "AdapterConfig", "apply_adapters"),
+    "lora": ("minituner.lora", "LoRAConfig", "apply_lora"),
 }
 
 

@@ -1,9 +1,10 @@
-"""Command line: `python -m minituner [generate|pretrain] ...` (also installed as `minituner`).
+"""Command line: `python -m minituner [generate|pretrain|finetune] ...` (also installed as `minituner`).
 
     python -m minituner                          # = generate: the base model writes text
     python -m minituner --prompt "Ada lives in" --temperature 0.8 --top-k 40
     python -m minituner generate --weights DIR   # another model directory
     python -m minituner pretrain --out weights/base --seed 0   # regenerate the base model
+    python -m minituner finetune --method adapters --task classify --out runs/adapters
 
 `generate` is the default command: its options work without naming it. Every bad input
 (an option out of range, a prompt longer than the context, a device that is not there, a
@@ -21,7 +22,7 @@ import sys
 
 import torch
 
-COMMANDS = ("generate", "pretrain")
+COMMANDS = ("generate", "pretrain", "finetune")
 DEFAULT_PROMPTS = ("Ada lives in", "On Monday, Ben", "Let me tell you about Cora.")
 
 
@@ -143,6 +144,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- finetune ---------------------------------------------------------------------------------------
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import cli
+
+    return cli(args)
+
+
 # -- the parser -------------------------------------------------------------------------------------
 WEIGHTS_HELP = """model directory (config.json, model.safetensors, tokenizer.json). Unset, the
 base model is looked up in this order: $MINITUNER_WEIGHTS; the copy installed with the package
@@ -151,11 +159,12 @@ base model is looked up in this order: $MINITUNER_WEIGHTS; the copy installed wi
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="minituner", formatter_class=_Formatter,
-                usage="minituner [generate] [options]  |  minituner pretrain [options]",
+                usage="minituner [generate] [options]  |  minituner pretrain [options]  |  "
+                      "minituner finetune [options]",
                 description="minituner: fine-tuning from scratch, in PyTorch. Without a command, "
                             "`minituner [options]` runs `generate` with those options.")
-    sub = p.add_subparsers(dest="command", metavar="{generate,pretrain}")
-    g = sub.add_parser("generate", help="generate text with the base model (the default command)",
+    sub = p.add_subparsers(dest="command", metavar="{generate,pretrain,finetune}")
+    g = sub.add_parser("generate", prog="minituner generate", help="generate text with the base model (the default command)",
                        formatter_class=_Formatter, description="Continue prompts with a model: "
                        "greedy at temperature 0, sampled otherwise.")
     g.add_argument("--weights", default=None, metavar="DIR", help=WEIGHTS_HELP)
@@ -172,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:N or mps")
-    t = sub.add_parser("pretrain", help="pre-train the base model on the world's corpus (about 36 min "
+    t = sub.add_parser("pretrain", prog="minituner pretrain", help="pre-train the base model on the world's corpus (about 36 min "
                        "on 2 CPU cores)", formatter_class=_Formatter)
     t.add_argument("--out", default="weights/base", help="output directory")
     t.add_argument("--seed", type=int, default=0, help="seed of the world, the tokenizer's corpus, "
@@ -188,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .finetune import add_arguments
+
+    f = sub.add_parser("finetune", prog="minituner finetune", help="fine-tune the base model with one method and measure it",
+                       formatter_class=_Formatter, description="The one fine-tuning recipe: apply a "
+                       "method to the base model, train, evaluate before/after, measure forgetting, "
+                       "memory and speed; prints the result row and writes result.json with --out.")
+    add_arguments(f, _number)
     p.epilog = "the default command, generate:\n\n" + g.format_help().rstrip("\n")
     return p
 
@@ -198,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["generate", *argv]  # the default command takes its options unnamed
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .data import DataError
 
     try:
-        return _generate(args) if args.command == "generate" else _pretrain(args)
-    except (UsageError, CheckpointError, OSError) as e:  # OSError: a file we may not read or write
+        run = {"generate": _generate, "pretrain": _pretrain, "finetune": _finetune}[args.command]
+        return run(args)
+    except (UsageError, CheckpointError, DataError, OSError) as e:  # OSError: a file we may not read or write
         print(f"minituner: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:

@@ -474,6 +474,41 @@ def read_preferences(path: str | Path) -> list[dict]:
     return out
 
 
+def read_classification(path: str | Path, class_names: Sequence[str] | None = None
+                        ) -> tuple[list[dict], list[str]]:
+    """Classification JSONL: ``text`` (non-empty string) and ``label`` (a class name, or an
+    integer index). Returns (``{"text", "label"}`` dicts with ``label`` an index, the class
+    names). Names are sorted (integers keep their order) unless ``class_names`` fixes them,
+    as for an evaluation file that must use the training file's classes."""
+    rows = []
+    for n, o in _lines(path):
+        text = _text(Path(path), n, o, "text")
+        label = o.get("label")
+        if label is None:
+            raise DataError(f"{path}:{n}: field 'label' is missing; every line needs a class "
+                            "name or an integer index")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(f"{path}:{n}: field 'label' must be a class name (string) or an integer, "
+                            f"got {type(label).__name__}")
+        rows.append((n, text, label))
+    if class_names is None:
+        kinds = {type(lab) for _, _, lab in rows}
+        if len(kinds) > 1:
+            n = next(n for n, _, lab in rows if type(lab) is not type(rows[0][2]))
+            raise DataError(f"{path}:{n}: field 'label' mixes strings and integers across lines; use one kind")
+        names = sorted({str(lab) for _, _, lab in rows}, key=lambda x: (len(x), x) if kinds == {int} else x)
+    else:
+        names = [str(c) for c in class_names]
+    out = []
+    for n, text, label in rows:
+        if str(label) not in names:
+            raise DataError(f"{path}:{n}: field 'label' is {label!r}, not one of the classes {names}")
+        out.append({"text": text, "label": names.index(str(label))})
+    if len(names) < 2:
+        raise DataError(f"{path}: every line has the label {names[0]!r}; a classifier needs at least two classes")
+    return out, names
+
+
 def write_jsonl(path: str | Path, examples: Iterable[Mapping[str, Any]]) -> Path:
     """Write examples one JSON object per line (UTF-8), e.g. the world's tasks for other tools."""
     return write_text(path, "".join(json.dumps(dict(ex), ensure_ascii=False) + "\n" for ex in examples))

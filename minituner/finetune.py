@@ -136,6 +136,7 @@ METHODS: dict[str, Method] = {
     "full": Method("full", lr=1e-4, steps=300),
     "head": Method("head", lr=3e-3, steps=600, batch_size=64, cached_features=True),
     "adapters": Method("adapters", lr=1e-3, steps=300, disableable=True),
+    "lora": Method("lora", lr=1e-3, steps=300, disableable=True),
 }
 
 
@@ -213,23 +214,19 @@ def table(results: Sequence[Result]) -> str:
 
 # -- the base model and the task's data -------------------------------------------------------------
 def default_base() -> Path:
-    """weights/base of this checkout (or of the installed package)."""
-    here = Path(__file__).resolve().parent
-    for d in (here.parent / "weights" / "base", here / "weights" / "base"):
-        if (d / "config.json").is_file():
-            return d
-    raise FileNotFoundError("no weights/base found beside minituner; pass base=<directory of the base model>")
+    """The course's base model (weights/base; `checkpoint.find_base_model` says where it looks)."""
+    return checkpoint.find_base_model()
 
 
 def load_base(base: str | os.PathLike | None = None) -> tuple[nn.Module, Tokenizer]:
     """A base model directory (ours, or a Hugging Face GPT-2/Llama/BERT one) and its tokenizer."""
-    d = Path(base) if base is not None else default_base()
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{d} holds no config.json; check the path of the base model")
+    if base is not None and not Path(base).is_dir():
+        raise checkpoint.CheckpointError(f"base model directory {base} does not exist; check the path")
+    d = checkpoint.find_base_model(base)  # a named directory must hold config.json
     hf = "model_type" in json.loads((d / "config.json").read_text())
     model = checkpoint.load_hf(d) if hf else checkpoint.load(d)
     if not (d / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{d} holds no tokenizer.json; the recipe needs the base model's tokenizer")
+        raise checkpoint.CheckpointError(f"{d} holds no tokenizer.json; the recipe needs the base model's tokenizer")
     return model.float(), Tokenizer.load(d / "tokenizer.json")
 
 
@@ -527,25 +524,33 @@ def _plain(x: Any) -> Any:
 
 
 # -- the command line: `python -m minituner finetune` ---------------------------------------------
-def add_arguments(parser) -> None:
-    """The `finetune` subcommand's options (argparse)."""
+def add_arguments(parser, number: Callable | None = None) -> None:
+    """The `finetune` subcommand's options (argparse). `number(kind, low, ...)` makes an
+    argument type that rejects out-of-range values while parsing (the CLI's)."""
+    count = number(int, 1, name="N") if number else int
+    rate = number(float, 0, low_open=True, name="LR") if number else float
     parser.add_argument("--method", choices=sorted(METHODS), default="adapters", help="the technique")
     parser.add_argument("--task", choices=TASKS, default="classify", help="the task to fine-tune on")
-    parser.add_argument("--base", default=None, help="base model directory (default: weights/base)")
+    parser.add_argument("--base", default=None, metavar="DIR",
+                        help="base model directory (default: the course's base model, as for generate --weights)")
     parser.add_argument("--data", default=None,
                         help='your own JSONL of {"text": ..., "label": ...} instead of the world\'s task')
     parser.add_argument("--eval-data", default=None, help="JSONL to evaluate on (default: every 5th line of --data)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the method's)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the method's)")
+    parser.add_argument("--steps", type=count, default=None, help="optimizer steps (default: the method's)")
+    parser.add_argument("--lr", type=rate, default=None, help="peak learning rate (default: the method's)")
+    parser.add_argument("--batch-size", type=count, default=None, help="examples per step (default: the method's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
-    parser.add_argument("--n-train", type=int, default=None, help="use the first N training examples")
-    parser.add_argument("--n-test", type=int, default=None, help="use the first N test examples")
+    parser.add_argument("--n-train", type=count, default=None, help="use the first N training examples")
+    parser.add_argument("--n-test", type=count, default=None, help="use the first N test examples")
     parser.add_argument("--pooling", choices=("last", "mean", "first"), default="last",
                         help="how the head reads the hidden states")
     parser.add_argument("--placement", choices=("houlsby", "pfeiffer"), default="houlsby", help="adapters")
-    parser.add_argument("--reduction-factor", type=int, default=16, help="adapters: bottleneck m = d / this")
-    parser.add_argument("--lr-decay", type=float, default=None,
+    parser.add_argument("--reduction-factor", type=count, default=16, help="adapters: bottleneck m = d / this")
+    parser.add_argument("--r", type=count, default=8, help="lora: rank r of the update B A")
+    parser.add_argument("--alpha", type=rate, default=16, help="lora: the update is scaled by alpha / r")
+    parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
+                        help="lora: module names (or one regular expression) to adapt")
+    parser.add_argument("--lr-decay", type=rate, default=None,
                         help="full: ULMFiT discriminative rates, eta^(l-1) = eta^l / this (2.6)")
     parser.add_argument("--gradual-unfreezing", action="store_true", help="full: ULMFiT gradual unfreezing")
     parser.add_argument("--no-forgetting", action="store_true", help="skip the perplexity/fact-recall measures")
@@ -561,6 +566,10 @@ def config_from_args(args) -> Any:
         from .adapters import AdapterConfig
 
         return AdapterConfig(placement=args.placement, reduction_factor=args.reduction_factor)
+    if args.method == "lora":
+        from .lora import LoRAConfig
+
+        return LoRAConfig(r=args.r, alpha=args.alpha, target_modules=tuple(args.target_modules))
     return None  # the method's defaults (the head's num_classes comes from the task)
 
 

@@ -282,3 +282,35 @@ def test_readers_on_fuzzed_lines_raise_only_data_error(tmp_path_factory, content
             continue
         assert out and all(set(ex) == keys for ex in out)
         assert all(isinstance(v, str) for ex in out for k, v in ex.items() if k != "messages")
+
+
+# -- read_classification (the recipe's --data) ----------------------------------------------------------
+def test_read_classification_names_and_errors(tmp_path):
+    from minituner.data import DataError, read_classification
+
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"text": "a", "label": "spam"}\n{"text": "b", "label": "ham"}\n\n{"text": "c", "label": "spam"}\n')
+    rows, names = read_classification(p)
+    assert names == ["ham", "spam"] and [r["label"] for r in rows] == [1, 0, 1]
+    q = tmp_path / "ints.jsonl"
+    q.write_text("".join(f'{{"text": "t{i}", "label": {i % 11}}}\n' for i in range(22)))
+    rows, names = read_classification(q)
+    assert names[:3] == ["0", "1", "2"] and names[-1] == "10"  # integers keep their order
+    assert [r["label"] for r in rows][:12] == list(range(11)) + [0]
+    rows, _ = read_classification(p, class_names=["spam", "ham"])  # the training file's classes
+    assert [r["label"] for r in rows] == [0, 1, 0]
+    cases = {
+        '{"text": "a", "label": "x"}\n{"text": "b"}\n': (":2", "'label' is missing"),
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": 1.5}\n': (":2", "must be a class name"),
+        '{"text": "a", "label": "x"}\n{"text": "", "label": "y"}\n': (":2", "'text' is empty"),
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": 2}\n': (":2", "mixes strings and integers"),
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n': ("", "at least two classes"),
+    }
+    for text, (line, message) in cases.items():
+        p.write_text(text)
+        with pytest.raises(DataError, match=message) as e:
+            read_classification(p)
+        assert f"{p}{line}" in str(e.value)
+    p.write_text('{"text": "a", "label": "nope"}\n')
+    with pytest.raises(DataError, match="not one of the classes"):
+        read_classification(p, class_names=["ham", "spam"])

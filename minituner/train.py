@@ -212,11 +212,22 @@ def _call_loss(loss_fn: LossFn, model: nn.Module, batch: Batch) -> tuple[torch.T
     return loss, metrics
 
 
-def _units(metrics: dict, n_examples: int, device: torch.device) -> torch.Tensor:
+def _units(metrics: dict, n_examples: int) -> torch.Tensor | int:
     """What the loss is a mean over (the LossFn contract): its target tokens if it reports
-    num_tokens, else the batch's examples. A float32 scalar on the device, without a sync."""
+    num_tokens (a device tensor, left there: no sync), else the batch's examples (an int)."""
     n = metrics.get("num_tokens", n_examples)
-    return torch.as_tensor(n, device=device).detach().float()
+    return n.detach() if isinstance(n, torch.Tensor) else n
+
+
+def _at_least_1(n: torch.Tensor | int) -> torch.Tensor | int:
+    return n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
+
+
+def _total(counts: list[torch.Tensor | int]) -> int:
+    """Sum of counts, some on the device: one host read for all of them."""
+    tensors = [c for c in counts if isinstance(c, torch.Tensor)]
+    on_host = sum(c for c in counts if not isinstance(c, torch.Tensor))
+    return on_host + (int(torch.stack(tensors).sum()) if tensors else 0)
 
 
 def _tokens(batch: Batch, metrics: dict, n_examples: int) -> torch.Tensor | int:
@@ -283,7 +294,7 @@ def evaluate(model: nn.Module, data, loss_fn: LossFn | None = None, *, batch_siz
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
-    total = weight = torch.zeros((), device=device)
+    total, weight = torch.zeros((), device=device), 0
     try:
         for b, start in enumerate(range(0, n, batch_size)):
             if max_batches is not None and b >= max_batches:
@@ -291,11 +302,11 @@ def evaluate(model: nn.Module, data, loss_fn: LossFn | None = None, *, batch_siz
             idx = torch.arange(start, min(n, start + batch_size))
             batch = _to_device(_make_batch(data, idx, collate_fn), device)
             loss, metrics = _call_loss(loss_fn, model, batch)
-            w = _units(metrics, len(idx), device)
+            w = _units(metrics, len(idx))
             total, weight = total + loss.float() * w, weight + w
     finally:
         model.train(was_training)
-    mean, weight = (total / weight.clamp(min=1e-12)).item(), weight.item()
+    mean, weight = (total / _at_least_1(weight)).item(), float(weight)
     return {"loss": mean, "perplexity": perplexity(mean), "num_tokens": weight}
 
 
@@ -364,28 +375,28 @@ _ORDER_FIELDS = ("batch_size", "grad_accum_steps", "seed", "shuffle", "drop_last
 
 class _Window:
     """Sums over one accumulation window, kept on the device (no host sync):
-    sum_i n_i L_i, sum_i n_i, the metrics weighted the same way, and the tokens processed."""
+    sum_i n_i L_i, sum_i n_i, and the metrics weighted the same way."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.losses: list[torch.Tensor] = []  # each micro-batch's mean, for the divergence message
-        self.loss_sum = self.units = torch.zeros((), device=device)
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.units: torch.Tensor | int = 0
         self.metric_sums: dict[str, torch.Tensor] = {}
-        self.tokens: torch.Tensor | int = 0
 
-    def add(self, loss: torch.Tensor, units: torch.Tensor, metrics: dict, tokens) -> None:
-        loss = loss.detach().float()
-        self.losses.append(loss)
-        self.loss_sum = self.loss_sum + loss * units
-        self.units = self.units + units
+    def add(self, loss: torch.Tensor, weighted: torch.Tensor, units: torch.Tensor | int, metrics: dict) -> None:
+        """One micro-batch: its mean loss L_i, n_i L_i, its units n_i, its metrics."""
+        self.losses.append(loss.detach())
+        first = len(self.losses) == 1  # start the sums from the first terms: no extra zeros
+        self.loss_sum = weighted.detach() if first else self.loss_sum + weighted.detach()
+        self.units = units if first else self.units + units
         for k, v in metrics.items():
             if k != "num_tokens":
                 v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=self.device)
                 self.metric_sums[k] = self.metric_sums.get(k, 0.0) + v * units
-        self.tokens = self.tokens + tokens
 
     def mean_loss(self) -> torch.Tensor:
-        return self.loss_sum / self.units.clamp(min=1)  # L_window
+        return self.loss_sum / _at_least_1(self.units)  # L_window
 
 
 def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn | None = None,
@@ -444,11 +455,11 @@ def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn 
         return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "num_examples": n,
                 "tokens_seen": tokens_seen, "max_steps": max_steps, "config": config.to_dict(), "history": history}
 
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]  # the ones the optimizer steps
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if config.amp_dtype else None
     order = _epoch_order(n, config.seed, epoch, config.shuffle)
     bar = tqdm(total=max_steps, initial=step, disable=not config.progress, desc="train", dynamic_ncols=True)
-    pending_tokens, t_last = 0, time.perf_counter()  # tokens since the last host read, and its time
+    pending_tokens, t_last = [], time.perf_counter()  # tokens since the last host read, and its time
     model.train()
     try:
         while step < max_steps:
@@ -465,16 +476,15 @@ def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn 
                 batch_in_epoch += 1
                 with amp if amp is not None else contextlib.nullcontext():
                     loss, metrics = _call_loss(loss_fn, model, batch)
-                units = _units(metrics, len(idx), device)  # n_i
+                units = _units(metrics, len(idx))  # n_i
+                weighted = loss.float() * units  # n_i L_i
                 # one micro-batch: the mean is the update; k of them: backprop n_i L_i, divide below
-                (loss if accum == 1 else loss * units).backward()
-                window.add(loss, units, metrics, _tokens(batch, metrics, len(idx)))
-            if accum > 1:  # sum_i n_i grad L_i / sum_i n_i = grad L_window
-                inv = 1.0 / window.units.clamp(min=1)
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(inv)
-            grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))  # device scalar
+                (loss if accum == 1 else weighted).backward()
+                window.add(loss, weighted, units, metrics)
+                pending_tokens.append(_tokens(batch, metrics, len(idx)))
+            # k micro-batches: sum_i n_i grad L_i / sum_i n_i = grad L_window, folded into the clip
+            scale = None if accum == 1 else 1.0 / _at_least_1(window.units)
+            grad_norm = _scale_and_clip_([p.grad for p in params if p.grad is not None], scale, config.grad_clip)
 
             done = step + 1
             do_eval = eval_data is not None and (done == max_steps or bool(config.eval_every)
@@ -482,16 +492,15 @@ def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn 
             do_ckpt = config.checkpoint_dir is not None and (done == max_steps or bool(config.checkpoint_every)
                                                              and done % config.checkpoint_every == 0)
             do_log = do_eval or done % config.log_every == 0 or done == max_steps
-            pending_tokens = pending_tokens + window.tokens
             # the step's one host read: the logged values (whose finiteness is the flag), or the flag
             if do_log or do_ckpt:
                 names = list(window.metric_sums)
                 values = torch.stack([window.mean_loss(), grad_norm.float(),
-                                      *(window.metric_sums[m] / window.units.clamp(min=1) for m in names)]).tolist()
+                                      *(window.metric_sums[m] / _at_least_1(window.units) for m in names)]).tolist()
                 finite = math.isfinite(values[0]) and math.isfinite(values[1])
-                tokens_now = int(pending_tokens)  # computed already: this read waits for nothing
+                tokens_now = _total(pending_tokens)  # computed already: this read waits for nothing
             else:
-                finite = bool(torch.isfinite(window.loss_sum + grad_norm))
+                finite = math.isfinite((window.loss_sum + grad_norm).item())  # both finite iff the sum is
             if not finite:
                 opt.zero_grad(set_to_none=True)
                 raise TrainingDiverged(_diverged_msg(window, grad_norm, done, opt, config), done)
@@ -501,7 +510,7 @@ def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn 
             bar.update(1)
             if not (do_log or do_ckpt):
                 continue
-            tokens_seen, pending_tokens = tokens_seen + tokens_now, 0
+            tokens_seen, pending_tokens = tokens_seen + tokens_now, []
             now = time.perf_counter()
             entry = {"step": step, "epoch": epoch, "loss": values[0], "lr": opt.param_groups[0]["lr"],
                      "grad_norm": values[1], "tokens": tokens_seen,
@@ -521,6 +530,29 @@ def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn 
     finally:
         bar.close()
     return history
+
+
+def _scale_and_clip_(grads: list[torch.Tensor], scale: torch.Tensor | float | None, max_norm: float | None
+                     ) -> torch.Tensor:
+    """Scale the gradients by s and clip them by global norm (Pascanu et al. 2013,
+    arXiv:1211.5063, Alg. 2) in one multiply; return the norm of the scaled gradients:
+
+        g <- g * s * min(1, max_norm / (||g s|| + 1e-6)),     ||g s|| = ||g|| s
+
+    the same as `nn.utils.clip_grad_norm_` after multiplying by s, minus one pass over every
+    gradient (and no pass at all when s is None, meaning 1, and clipping is off). The norm
+    stays on the device."""
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # ||g||: per-tensor norms, fused
+    if scale is not None:
+        norm = norm * scale  # ||g s||
+    if max_norm is None and scale is None:
+        return norm
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm is not None else None
+    coef = coef if scale is None else scale if coef is None else coef * scale
+    torch._foreach_mul_(grads, coef)
+    return norm
 
 
 def _diverged_msg(window: _Window, grad_norm: torch.Tensor, step: int, opt, config: TrainConfig) -> str:

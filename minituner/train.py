@@ -373,6 +373,29 @@ def _build_optimizer(model: nn.Module, config: TrainConfig, optimizer) -> torch.
 _ORDER_FIELDS = ("batch_size", "grad_accum_steps", "seed", "shuffle", "drop_last")
 
 
+def _scale_and_clip_(grads: list[torch.Tensor], scale: torch.Tensor | float | None, max_norm: float | None
+                     ) -> torch.Tensor:
+    """Scale the gradients by s and clip them by global norm (Pascanu et al. 2013,
+    arXiv:1211.5063, Alg. 2) in one multiply; return the norm of the scaled gradients:
+
+        g <- g * s * min(1, max_norm / (||g s|| + 1e-6)),     ||g s|| = ||g|| s
+
+    the same as `nn.utils.clip_grad_norm_` after multiplying by s, minus one pass over every
+    gradient (and no pass at all when s is None, meaning 1, and clipping is off). The norm
+    stays on the device."""
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # ||g||: per-tensor norms, fused
+    if scale is not None:
+        norm = norm * scale  # ||g s||
+    if max_norm is None and scale is None:
+        return norm
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm is not None else None
+    coef = coef if scale is None else scale if coef is None else coef * scale
+    torch._foreach_mul_(grads, coef)
+    return norm
+
+
 class _Window:
     """Sums over one accumulation window, kept on the device (no host sync):
     sum_i n_i L_i, sum_i n_i, and the metrics weighted the same way."""
@@ -397,6 +420,20 @@ class _Window:
 
     def mean_loss(self) -> torch.Tensor:
         return self.loss_sum / _at_least_1(self.units)  # L_window
+
+
+def _diverged_msg(window: _Window, grad_norm: torch.Tensor, step: int, opt, config: TrainConfig) -> str:
+    """Which value went non-finite, and where (read from the device: training stops anyway)."""
+    bad = [(i, v) for i, v in enumerate(x.item() for x in window.losses) if not math.isfinite(v)]
+    if bad:
+        where = f"loss is {bad[0][1]} at step {step} (micro-batch {bad[0][0]})"
+    else:
+        where = f"gradient norm is {grad_norm.item()} at step {step}"
+    last = latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None
+    kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
+    return (f"training diverged: {where}; the parameters were not updated and {kept}. "
+            f"Lower the learning rate (lr={opt.param_groups[0]['lr']:.3g} now), enable or tighten gradient "
+            f"clipping (grad_clip={config.grad_clip}), add warmup, or check the data and loss_fn.")
 
 
 def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn | None = None,
@@ -478,7 +515,7 @@ def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn 
                     loss, metrics = _call_loss(loss_fn, model, batch)
                 units = _units(metrics, len(idx))  # n_i
                 weighted = loss.float() * units  # n_i L_i
-                # one micro-batch: the mean is the update; k of them: backprop n_i L_i, divide below
+                # one micro-batch: the mean is the update; k of them: backprop n_i L_i, scale below
                 (loss if accum == 1 else weighted).backward()
                 window.add(loss, weighted, units, metrics)
                 pending_tokens.append(_tokens(batch, metrics, len(idx)))
@@ -530,40 +567,3 @@ def train(model: nn.Module, train_data, config: TrainConfig, *, loss_fn: LossFn 
     finally:
         bar.close()
     return history
-
-
-def _scale_and_clip_(grads: list[torch.Tensor], scale: torch.Tensor | float | None, max_norm: float | None
-                     ) -> torch.Tensor:
-    """Scale the gradients by s and clip them by global norm (Pascanu et al. 2013,
-    arXiv:1211.5063, Alg. 2) in one multiply; return the norm of the scaled gradients:
-
-        g <- g * s * min(1, max_norm / (||g s|| + 1e-6)),     ||g s|| = ||g|| s
-
-    the same as `nn.utils.clip_grad_norm_` after multiplying by s, minus one pass over every
-    gradient (and no pass at all when s is None, meaning 1, and clipping is off). The norm
-    stays on the device."""
-    if not grads:
-        return torch.zeros(())
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # ||g||: per-tensor norms, fused
-    if scale is not None:
-        norm = norm * scale  # ||g s||
-    if max_norm is None and scale is None:
-        return norm
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm is not None else None
-    coef = coef if scale is None else scale if coef is None else coef * scale
-    torch._foreach_mul_(grads, coef)
-    return norm
-
-
-def _diverged_msg(window: _Window, grad_norm: torch.Tensor, step: int, opt, config: TrainConfig) -> str:
-    """Which value went non-finite, and where (read from the device: training stops anyway)."""
-    bad = [(i, v) for i, v in enumerate(x.item() for x in window.losses) if not math.isfinite(v)]
-    if bad:
-        where = f"loss is {bad[0][1]} at step {step} (micro-batch {bad[0][0]})"
-    else:
-        where = f"gradient norm is {grad_norm.item()} at step {step}"
-    last = latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None
-    kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
-    return (f"training diverged: {where}; the parameters were not updated and {kept}. "
-            f"Lower the learning rate (lr={opt.param_groups[0]['lr']:.3g} now), enable or tighten gradient "
-            f"clipping (grad_clip={config.grad_clip}), add warmup, or check the data and loss_fn.")

@@ -10,14 +10,8 @@ file adds itself there and nothing else, so no chapter has a training script of 
         │                                                                       │
         └── before: zero-shot accuracy, held-out perplexity, fact recall ──────┴── after
 
-Full fine-tuning (Howard & Ruder 2018, ULMFiT, arXiv:1801.06146) lives here, since it adds no
-module, only two options of the recipe:
-
-- discriminative fine-tuning (Eq. 2): each layer l gets its own learning rate,
-      theta_t^l = theta_{t-1}^l - eta^l * grad_{theta^l} J(theta),   eta^{l-1} = eta^l / 2.6,
-  so the top (the head) moves fastest and the embeddings slowest;
-- gradual unfreezing (Sec. 3.3): first only the top group trains, then one more group below
-  it joins at each stage, until every layer trains.
+Full fine-tuning is a method like the others: `minituner/full.py` (ULMFiT's discriminative
+rates and gradual unfreezing); the recipe runs its stages.
 
 Forgetting is measured on what pre-training taught: held-out corpus perplexity and fact
 recall, before and after. With a technique that can be switched off (`disable_adapters`) the
@@ -44,6 +38,7 @@ from . import checkpoint, heads, protocol
 from .data import ClassificationDataset, Collator, PackedLMDataset, pack_documents
 from .evaluate import fact_recall
 from .files import write_text
+from .full import FullConfig, apply_full, discriminative_param_groups, layer_groups, unfreeze_top  # noqa: F401
 from .tokenizer import Tokenizer
 from .train import TrainConfig, evaluate, train
 from .world import CLASS_NAMES, World
@@ -54,61 +49,6 @@ TASKS = ("classify",)
 # sentence after the story, zero-shot (no training), for the "before" number.
 ZERO_SHOT_VERBALIZERS = {"bad": "It was a bad day.", "neutral": "It was neither a good nor a bad day.",
                          "good": "It was a good day."}
-
-
-# -- full fine-tuning (ULMFiT) --------------------------------------------------------------------
-@dataclass(frozen=True)
-class FullConfig:
-    """Full fine-tuning: every parameter trains (Howard & Ruder 2018)."""
-
-    lr_decay: float | None = None  # discriminative rates, Eq. 2: eta^{l-1} = eta^l / lr_decay (2.6)
-    gradual_unfreezing: bool = False  # Sec. 3.3: unfreeze one layer group per stage, top first
-
-    def __post_init__(self) -> None:
-        if self.lr_decay is not None and not self.lr_decay >= 1.0:
-            raise ValueError(f"lr_decay={self.lr_decay} must be >= 1 (ULMFiT uses 2.6) or None")
-
-
-def apply_full(model: nn.Module, config: FullConfig | None = None) -> nn.Module:
-    """Make every parameter trainable (the whole model is the 'adapter')."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    protocol.mark_applied(model, "full", config or FullConfig())
-    return model
-
-
-def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
-    """Parameters bottom-up: [embeddings], block 0, ..., block L-1, [final norm, head].
-
-    A tied lm_head is the embedding; parameters outside these groups join the top group."""
-    seen: set[int] = set()
-
-    def take(modules) -> list[nn.Parameter]:
-        out = []
-        for m in modules:
-            for p in m.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
-
-    emb = take(getattr(model, n) for n in ("tok_emb", "pos_emb", "type_emb", "emb_norm") if hasattr(model, n))
-    blocks = [take([b]) for b in model.blocks]
-    top = take(m for m in model.children())  # norm_f, lm_head, head, anything else
-    return [emb, *blocks, top]
-
-
-def discriminative_param_groups(model: nn.Module, lr: float, lr_decay: float,
-                                weight_decay: float = 0.0) -> list[dict]:
-    """ULMFiT Eq. 2: the top group at `lr`, each group below at the rate above / lr_decay."""
-    groups = layer_groups(model)
-    out = []
-    for depth, params in enumerate(reversed(groups)):  # depth 0 = top
-        params = [p for p in params if p.requires_grad]
-        if params:
-            out.append({"params": params, "lr": lr / lr_decay ** depth,  # eta^{l-1} = eta^l / 2.6
-                        "weight_decay": weight_decay, "name": f"group{len(groups) - 1 - depth}"})
-    return out
 
 
 # -- the registry of methods ----------------------------------------------------------------------
@@ -368,9 +308,7 @@ def _train_classifier(model: nn.Module, ds, cfg: TrainConfig, pad_id: int, metho
         groups = layer_groups(model)
         history, per_stage = [], max(1, cfg.max_steps // len(groups))
         for stage in range(1, len(groups) + 1):
-            for i, params in enumerate(groups):
-                for p in params:
-                    p.requires_grad_(i >= len(groups) - stage)  # the top `stage` groups train
+            unfreeze_top(model, stage)  # the top `stage` groups train
             stage_cfg = dataclasses.replace(cfg, max_steps=per_stage,
                                             seed=None if cfg.seed is None else cfg.seed + stage)
             opt = _optimizer(_groups(model, cfg, config), stage_cfg)

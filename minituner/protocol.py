@@ -49,7 +49,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 # technique name -> (module, config class, apply function); imported only when loading.
 TECHNIQUES: dict[str, tuple[str, str, str]] = {
-    "full": ("minituner.finetune", "FullConfig", "apply_full"),
+    "full": ("minituner.full", "FullConfig", "apply_full"),
     "head": ("minituner.heads", "HeadConfig", "apply_head"),
     "adapters": ("minituner.adapters", "AdapterConfig", "apply_adapters"),
     "lora": ("minituner.lora", "LoRAConfig", "apply_lora"),

@@ -16,7 +16,8 @@ import torch
 
 from minituner import checkpoint, finetune, protocol
 from minituner.__main__ import main
-from minituner.finetune import FullConfig, Result, discriminative_param_groups, layer_groups
+from minituner.finetune import Result
+from minituner.full import FullConfig, discriminative_param_groups, layer_groups
 from minituner.model import ModelConfig, Transformer
 from minituner.tokenizer import Tokenizer
 from minituner.world import World

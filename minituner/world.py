@@ -40,7 +40,7 @@ The rules of the world (what a model trained on it should learn)
 Everything is deterministic from the seed (``random.Random`` streams named by seed and
 purpose; no global state) and generates in seconds.
 
-The world is three files, each readable alone, and this module re-exports what the others
+The world spans four files, each readable alone; this module re-exports what the other three
 define, so ``from minituner.world import ...`` is the one import a chapter needs:
 ``lexicon.py`` (the words and sentence templates, ``CLASS_NAMES``, ``INSTRUCTION_FAMILIES``),
 ``prompts.py`` (``format_prompt``, ``format_chat``, ``DEFAULT_SYSTEM``) and ``scoring.py``

@@ -141,6 +141,8 @@ def _linear_names(model: nn.Module) -> list[str]:
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Freeze `model` and add adapter `config.adapter_name` to every Linear named by
     `config.target_modules`; that adapter becomes the active one. Returns the model."""
+    if any(m.merged is not None for _, m in lora_layers(model)):
+        raise ValueError("an adapter is merged into the weights; call unmerge_lora(model) before apply_lora")
     allowed = set(_linear_names(model))
     targets = [(n, m) for n, m in find_modules(model, config.target_modules, types=(nn.Linear, LoRALinear))
                if n in allowed]
@@ -190,11 +192,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
             raise ValueError(f"{n}: LoRA can be merged into an nn.Linear only, not {type(m.base).__name__}")
         if len(owners[id(w)]) > 1:
             raise ValueError(f"{n}: its weight is shared with {owners[id(w)]}; merging would change them too")
-        new = w.float() + m.delta_weight()  # W0 + (alpha / r) B A, (out, in)
-        if not torch.isfinite(new).all():
-            raise ValueError(f"merging adapter {m.active!r} into {n} gives NaN/Inf weights; check its "
-                             "lora_A/lora_B (or merge in a wider dtype); nothing was merged")
-        merged.append((m, new.to(w.dtype)))
+        new = (w.float() + m.delta_weight()).to(w.dtype)  # W0 + (alpha / r) B A, (out, in)
+        if not torch.isfinite(new).all():  # also a sum that overflows the weight's dtype
+            raise ValueError(f"merging adapter {m.active!r} into {n} gives NaN/Inf {w.dtype} weights; check "
+                             "its lora_A/lora_B (or merge in a wider dtype); nothing was merged")
+        merged.append((m, new))
     for m, new in merged:
         m.base.weight.copy_(new)
         m.merged = m.active

@@ -183,6 +183,21 @@ def test_merge_refuses_nan_inf_and_names_the_module():
     assert all(m.merged is None for m in model.modules() if isinstance(m, LoRALinear))
 
 
+def test_merge_refuses_a_sum_that_overflows_the_dtype():
+    """fp16 holds at most 65504: W0 = 6e4 plus ΔW = (α/r) B A = 2 * 5e3 = 1e4 is finite in
+    float32 but Inf once stored in fp16."""
+    base = nn.Linear(1, 1, bias=False).half()
+    with torch.no_grad():
+        base.weight.fill_(6e4)
+    model = nn.Sequential(LoRALinear(base, LoRAConfig(r=1, alpha=2)))
+    with torch.no_grad():
+        model[0].lora_A["default"].fill_(100.0)
+        model[0].lora_B["default"].fill_(50.0)
+    with pytest.raises(ValueError, match=r"into 0 gives NaN/Inf torch.float16"):
+        merge_lora(model)
+    assert base.weight.item() == 6e4  # unchanged
+
+
 def test_merge_refuses_a_tied_weight():
     """GPT-2's lm_head is tok_emb: merging into it would change the embedding too."""
     model = randomize(apply_lora(tiny("gpt2"), LoRAConfig(target_modules=("lm_head",))))

@@ -394,16 +394,6 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: str 
     if not chosen:
         raise ValueError(f"{d}: target_modules={targets!r} match none of the {family} model's layers; "
                          f"Hugging Face names that exist: {sorted(hf_layers)[:12]}")
-    groups: dict[tuple, list[str]] = {}
-    for hf in chosen:
-        ra = (_pattern(cfg.get("rank_pattern") or {}, hf, cfg.get("r", 8)),
-              _pattern(cfg.get("alpha_pattern") or {}, hf, cfg.get("lora_alpha", 8)))
-        groups.setdefault(ra, []).extend(hf_layers[hf])
-    ours = _linear_names(model)
-    for (r, alpha), names in groups.items():
-        apply_lora(model, LoRAConfig(r=r, alpha=alpha, dropout=cfg.get("lora_dropout", 0.0),
-                                     target_modules=tuple(_shortest_targets(names, ours)),
-                                     use_rslora=bool(cfg.get("use_rslora", False)), adapter_name=adapter_name))
     found = {}
     for key, t in load_file(str(d / PEFT_WEIGHTS)).items():  # safetensors: no pickle
         m = re.fullmatch(re.escape(_PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight", key)
@@ -413,16 +403,28 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: str 
     if missing or unexpected:
         raise ValueError(f"{d / PEFT_WEIGHTS} does not fit target_modules={targets!r}: missing "
                          f"{[f'{hf}.lora_{ab}' for hf, ab in missing]}, unexpected {[k for k, _ in unexpected]}")
+    groups: dict[tuple, list[str]] = {}
+    for hf in chosen:  # every tensor checked before the model changes
+        r = _pattern(cfg.get("rank_pattern") or {}, hf, cfg.get("r", 8))
+        parts = [model.get_submodule(n) for n in hf_layers[hf]]
+        shapes = {"A": (r, parts[0].in_features), "B": (sum(m.out_features for m in parts), r)}
+        for ab, shape in shapes.items():
+            if tuple(found[(hf, ab)].shape) != shape:
+                raise ValueError(f"{hf}.lora_{ab}: the file has {tuple(found[(hf, ab)].shape)}, the model "
+                                 f"needs {shape} at r={r}; is it an adapter for this base model?")
+        groups.setdefault((r, _pattern(cfg.get("alpha_pattern") or {}, hf, cfg.get("lora_alpha", 8))),
+                          []).extend(hf_layers[hf])
+    ours = _linear_names(model)
+    for (r, alpha), names in groups.items():
+        apply_lora(model, LoRAConfig(r=r, alpha=alpha, dropout=cfg.get("lora_dropout", 0.0),
+                                     target_modules=tuple(_shortest_targets(names, ours)),
+                                     use_rslora=bool(cfg.get("use_rslora", False)), adapter_name=adapter_name))
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for hf in chosen:
             parts = [layers[n] for n in hf_layers[hf]]
-            A, B = found[(hf, "A")], found[(hf, "B")]  # (R, in), (out, R)
-            Bs = B.split([m.out_features for m in parts]) if B.shape[0] == sum(m.out_features for m in parts) else [B]
-            for m, B_part in zip(parts, Bs):  # c_attn: B's rows split into q, k, v; A shared
-                for ours_t, t, what in ((m.lora_A[adapter_name], A, "A"), (m.lora_B[adapter_name], B_part, "B")):
-                    if ours_t.shape != t.shape:
-                        raise ValueError(f"{hf}.lora_{what}: the file has {tuple(t.shape)}, the model needs "
-                                         f"{tuple(ours_t.shape)} (rank or layer size differ)")
-                    ours_t.copy_(t)
+            B_parts = found[(hf, "B")].split([m.out_features for m in parts])  # c_attn: rows of q, k, v
+            for m, B_part in zip(parts, B_parts):  # A (R, in) is shared by q, k, v
+                m.lora_A[adapter_name].copy_(found[(hf, "A")])
+                m.lora_B[adapter_name].copy_(B_part)  # (out, R)
     return model

@@ -347,6 +347,12 @@ def test_load_peft_follows_peft_target_rule(tmp_path):
     write_peft(tmp_path / "short", {"target_modules": ["q_proj"]}, q_tensors((0,)))
     with pytest.raises(ValueError, match=r"missing \['model\.layers\.1\.self_attn\.q_proj\.lora_A"):
         load_peft(tiny("llama"), tmp_path / "short")
+    bad = {k: torch.ones(3, 16) if "lora_A" in k else torch.ones(16, 3) for k in q_tensors()}  # rank 3, not 2
+    write_peft(tmp_path / "bad", {"target_modules": ["q_proj"]}, bad)
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=r"q_proj\.lora_A: the file has \(3, 16\), the model needs \(2, 16\)"):
+        load_peft(model, tmp_path / "bad")
+    assert not applied(model) and not any(isinstance(x, LoRALinear) for x in model.modules())  # untouched
 
 
 @pytest.mark.parametrize("setting", [{"use_dora": True}, {"bias": "all"}, {"modules_to_save": ["lm_head"]},

@@ -94,7 +94,7 @@ def test_result_round_trips_through_json(tiny_base):
     assert r.trainable_pct == pytest.approx(100 * r.trainable / r.total)
 
 
-@pytest.mark.parametrize("method", ["full", "head", "adapters"])
+@pytest.mark.parametrize("method", ["full", "head", "adapters", "lora"])
 def test_each_method_trains_only_its_part(tiny_base, method):
     base, _ = finetune.load_base(tiny_base)
     out = finetune.run(method, base=tiny_base, steps=3, **FAST)

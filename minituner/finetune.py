@@ -73,9 +73,9 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "full": Method("full", lr=1e-4, steps=300),
-    "head": Method("head", lr=3e-3, steps=600, batch_size=64, cached_features=True),
-    "adapters": Method("adapters", lr=1e-3, steps=300, disableable=True),
+    "full": Method("full", lr=3e-4, steps=300),
+    "head": Method("head", lr=3e-2, steps=600, batch_size=64, cached_features=True),
+    "adapters": Method("adapters", lr=1e-2, steps=300, disableable=True),
     "lora": Method("lora", lr=1e-3, steps=300, disableable=True),
 }
 

@@ -160,7 +160,7 @@ def main() -> None:
     if len(set(n_params.values())) != 1:
         raise SystemExit(f"the two models differ in size: {n_params}")
     if not 5e6 <= n_params["minituner"] <= 20e6:
-        print(f"note: {n_params['minituner'] / 1e6:.1f} M parameters is outside the 5-20 M range of the issue")
+        print(f"note: {n_params['minituner'] / 1e6:.1f} M parameters is outside the 5-20 M range this comparison is meant for (a small GPT-2)")
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)  # (B, T)

@@ -145,10 +145,15 @@ class Result:
                 f"{self.train_s:.1f}", f"{self.tokens_per_s:.0f}")
 
 
-def table(results: Sequence[Result]) -> str:
-    """A Markdown table of results, one row each."""
-    lines = ["| " + " | ".join(Result.HEADER) + " |", "|" + "---|" * len(Result.HEADER)]
-    lines += ["| " + " | ".join(map(str, r.row())) + " |" for r in results]
+def table(results: Sequence[Result], labels: Sequence[str] | None = None) -> str:
+    """A Markdown table of results, one row each; `labels` name the rows (e.g. a setting)."""
+    if labels is not None and len(labels) != len(results):
+        raise ValueError(f"{len(labels)} labels for {len(results)} results")
+    head = (("run",) if labels is not None else ()) + Result.HEADER
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(results):
+        row = ((labels[i],) if labels is not None else ()) + r.row()
+        lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines)
 
 
@@ -327,21 +332,23 @@ def _groups(model: nn.Module, cfg: TrainConfig, config: Any) -> list[dict]:
 
 
 def _train_head_on_features(model: nn.Module, ds_train, ds_test, cfg: TrainConfig, pad_id: int,
-                            progress: bool) -> tuple[list[dict], torch.optim.Optimizer, float, int]:
+                            progress: bool) -> tuple[list[dict], torch.optim.Optimizer, float, int, float]:
     """Feature extraction: the frozen encoder runs once over each split; the head trains on the
     cached (N, C) features through the same loop, then is scored on the test features."""
     pooling = model.head.pooling
+    t0 = time.perf_counter()
     f_train, y_train = heads.extract_features(model, ds_train, pooling, pad_id=pad_id, progress=progress)
-    f_test, y_test = heads.extract_features(model, ds_test, pooling, pad_id=pad_id, progress=progress)
     opt = _optimizer(model.head.parameters(), cfg)
     history = train(model.head, heads.FeatureDataset(f_train, y_train), cfg,
                     loss_fn=heads.feature_loss, optimizer=opt)
+    train_s = time.perf_counter() - t0  # extraction of the training split + the head's steps
+    f_test, y_test = heads.extract_features(model, ds_test, pooling, pad_id=pad_id, progress=progress)
     with torch.no_grad():
         model.head.eval()
         acc = float((model.head(f_test).argmax(-1) == y_test).float().mean())
     seen = min(cfg.max_steps * cfg.batch_size, 10**12)
     tokens = seen * sum(len(x["input_ids"]) for x in ds_train) // len(ds_train)  # examples seen x mean length
-    return history, opt, acc, tokens
+    return history, opt, acc, tokens, train_s
 
 
 # -- the recipe ------------------------------------------------------------------------------------
@@ -411,8 +418,8 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
 
     t0 = time.perf_counter()
     if spec.cached_features:
-        history, opt, after, tokens = _train_head_on_features(model, ds_train, ds_test, cfg, tok.pad_id, progress)
-        train_s = time.perf_counter() - t0
+        history, opt, after, tokens, train_s = _train_head_on_features(model, ds_train, ds_test, cfg,
+                                                                       tok.pad_id, progress)
     else:
         model.train()
         history, opt, tokens = _train_classifier(model, ds_train, cfg, tok.pad_id, method, config)

@@ -124,10 +124,17 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     return _cross_entropy(logits, batch["labels"])
 
 
-def _batches(data: Sequence, batch_size: int, collate_fn: Callable, progress: bool, desc: str):
+def _by_length(data: Sequence) -> list[int]:
+    """Indices of `data` sorted by sequence length, so each batch pads little."""
+    return sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
+
+
+def _batches(data: Sequence, batch_size: int, collate_fn: Callable, progress: bool, desc: str,
+             order: Sequence[int] | None = None):
+    order = range(len(data)) if order is None else order
     starts = range(0, len(data), batch_size)
     for start in tqdm(starts, disable=not progress, desc=desc, dynamic_ncols=True):
-        yield collate_fn([data[i] for i in range(start, min(len(data), start + batch_size))])
+        yield collate_fn([data[i] for i in order[start:start + batch_size]])
 
 
 @torch.no_grad()
@@ -150,7 +157,8 @@ def extract_features(model: nn.Module, data: Sequence, pooling: str = "last", ba
     model.eval()
     feats, labels = [], []
     try:
-        for batch in _batches(data, batch_size, collate_fn, progress, "features"):
+        order = _by_length(data)  # similar lengths together: little padding to compute
+        for batch in _batches(data, batch_size, collate_fn, progress, "features", order):
             mask = batch.get("attention_mask")
             z = model.hidden_states(batch["input_ids"].to(device),
                                     mask.to(device) if mask is not None else None, pooling=pooling)  # (B, C)
@@ -158,7 +166,9 @@ def extract_features(model: nn.Module, data: Sequence, pooling: str = "last", ba
             labels.append(batch["labels"])
     finally:
         model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)  # (N, C), (N,)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))  # position of example i in the sorted order
+    return torch.cat(feats)[back], torch.cat(labels)[back]  # (N, C), (N,) in the order of `data`
 
 
 class FeatureDataset(torch.utils.data.Dataset):

@@ -186,3 +186,19 @@ def test_feature_dataset_checks_shapes():
     assert len(ds) == 3 and torch.equal(ds[1]["features"], torch.tensor([2.0, 3.0]))
     head = ClassificationHead(2, HeadConfig(num_classes=3))
     assert F.softmax(head(ds.features), -1).shape == (3, 3)
+
+
+def test_extract_features_keeps_the_data_order_when_batching_by_length():
+    """Extraction batches stories of similar length together (little padding) and must hand
+    the features back in the data's order: each row equals that example's own pooled state."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="gpt2", vocab_size=40, block_size=32, n_layer=1, n_head=2,
+                                    n_embd=8)).eval()
+    lengths = [7, 2, 12, 3, 9, 2, 5]
+    data = [{"input_ids": torch.randint(1, 40, (n,)), "labels": torch.tensor(i)} for i, n in enumerate(lengths)]
+    feats, labels = extract_features(model, data, "mean", batch_size=3, pad_id=0, progress=False)
+    assert labels.tolist() == list(range(len(lengths)))
+    for i, ex in enumerate(data):
+        with torch.no_grad():
+            own = model.hidden_states(ex["input_ids"][None], pooling="mean")[0]
+        assert torch.allclose(feats[i], own, atol=1e-5), i

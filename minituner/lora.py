@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from minituner.files import atomic_directory, refuse_pickle
-from minituner.protocol import Injected, applied, find_modules, freeze, mark_applied, replace_module
+from minituner.protocol import Injected, find_modules, freeze, mark_applied, replace_module
 
 
 @dataclass(frozen=True)

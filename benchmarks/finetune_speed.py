@@ -12,8 +12,9 @@ Definitions (tokens are real tokens, not padding):
   full, adapters   one training step = forward, cross-entropy, backward, AdamW step on a
                    batch of B examples; tokens/s = real tokens of the batch / step time.
   head             feature extraction (Chapter 03) trains in two phases, and both count:
-                   the frozen encoder runs ONCE per example (a no-grad forward of a batch of
-                   64, `heads.extract_features`), then the head takes its steps on the cached
+                   the frozen encoder runs ONCE per example (no-grad forwards in batches of
+                   64, sorted by length, `heads.extract_features`, over --extract-batches
+                   batches), then the head takes its steps on the cached
                    features for E epochs, E = the recipe's default steps x batch size / the
                    task's default training-set size (600 x 64 / 6000 = 6.4 epochs). Per
                    example that costs t_extract + E * t_head_step_per_example and credits
@@ -96,7 +97,7 @@ def build(args: argparse.Namespace, device: torch.device, batch: dict, feature_b
     feats = torch.randn(hb, encoder.config.n_embd, device=device)  # (B, C): a head step's cost ignores the values
     labels = torch.arange(hb, device=device) % K  # (B,)
 
-    def extract() -> None:  # the encoder over one batch of `hb` examples, as the recipe runs it
+    def extract() -> None:  # the encoder over --extract-batches batches of `hb` examples, as the recipe runs it
         heads.extract_features(encoder, feature_batch, args.pooling, batch_size=hb, pad_id=tok.pad_id,
                                progress=False)
 
@@ -123,6 +124,9 @@ def main() -> None:
     p.add_argument("--placement", default="houlsby", choices=["houlsby", "pfeiffer"], help="adapters")
     p.add_argument("--reduction-factor", type=int, default=16, help="adapters: m = d / this")
     p.add_argument("--pooling", default="last", choices=list(heads.POOLINGS), help="the head's pooling")
+    p.add_argument("--extract-batches", type=int, default=8,
+                   help="extraction batches timed per round: extract_features sorts examples by length "
+                        "across them, as it does over a whole training set")
     p.add_argument("--n-train", type=int, default=None,
                    help="training-set size that sets the head's epochs; None: the task's (6000)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
@@ -142,10 +146,10 @@ def main() -> None:
     n_train = args.n_train or len(world.classification("train"))
     head = finetune.METHODS["head"]
     epochs = head.steps * head.batch_size / n_train  # E: the recipe's default passes over the data
-    examples = world.classification("train", max(args.batch_size, head.batch_size))
+    examples = world.classification("train", max(args.batch_size, head.batch_size * args.extract_batches))
     ds = finetune.encode(examples, tok, base)
     batch = {k: v.to(device) for k, v in Collator(tok.pad_id)([ds[i] for i in range(args.batch_size)]).items()}
-    feature_batch = [ds[i] for i in range(head.batch_size)]
+    feature_batch = [ds[i] for i in range(head.batch_size * args.extract_batches)]  # batched by length
     tokens = int(batch["attention_mask"].sum())  # real tokens of a full/adapters batch
     head_tokens = sum(len(x["input_ids"]) for x in feature_batch)  # real tokens of an extraction batch
 
@@ -163,7 +167,7 @@ def main() -> None:
         pick = (lambda ts: statistics.median(ts)) if i is None else (lambda ts: ts[i])
         t = {ph: pick(ts) for ph, ts in times[name].items()}
         if name == "head":  # extraction once per example, E epochs of head steps (see the docstring)
-            return epochs * head_tokens / (t["extract"] + epochs * t["head_step"])
+            return epochs * head_tokens / (t["extract"] + epochs * args.extract_batches * t["head_step"])
         return tokens / t["step"]
 
     tps = {n: rate(n) for n in methods}
@@ -171,7 +175,7 @@ def main() -> None:
     n_params = sum(q.numel() for q in base.parameters())
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} base={n_params / 1e6:.2f} M "
           f"params; batch {args.batch_size} ({tokens} real tokens), adapters {args.placement} "
-          f"r={args.reduction_factor}, head: extraction batch {head.batch_size} ({head_tokens} tokens) + "
+          f"r={args.reduction_factor}, head: extraction of {len(feature_batch)} examples in batches of {head.batch_size} ({head_tokens} tokens) + "
           f"{epochs:.1f} epochs of head steps; {args.rounds} rounds after {args.warmup} warm-up, median, {args.clock} clock")
     print(f"{'method':>9} {'trainable %':>11} {'ms (median)':>24} {'tokens/s':>10} {'x full':>7} "
           f"{'x full, paired':>14} {'target':>7}")

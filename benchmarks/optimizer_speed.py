@@ -19,12 +19,11 @@ Numbers are as measured; nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 
-from minituner.kernels.bench import format_table, interleaved_ms
+from minituner.kernels.bench import bench_parser, format_table, interleaved_ms, parse_bench_args
 from minituner.paged_adamw import PagedAdamW
 
 Row = dict[str, object]
@@ -74,23 +73,8 @@ def run(size: int = 2048, repeats: int = 5, device: str | torch.device = "cpu") 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
-                        help="where to run (cuda when there is one)")
-    parser.add_argument("--size", type=int, default=2048, help="the parameter is size x size")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per optimizer; the median is shown")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; None keeps torch's choice")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.size < 4:
-        parser.error("--repeats must be >= 1 and --size >= 4")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but torch.cuda.is_available() is False; use --device cpu")
+    parser = bench_parser(__doc__.splitlines()[0], 2048, "parameter", "timed steps per optimizer; the median is shown")
+    args = parse_bench_args(parser, argv, min_size=4)
     print(f"optimizer_speed: {args.size}x{args.size} parameter, median of {args.repeats} steps after warm-up, "
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     print(format_table(run(args.size, args.repeats, args.device)))

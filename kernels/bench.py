@@ -151,24 +151,35 @@ def format_table(rows: list[Row], cols: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def bench_parser(description: str, size: int, what: str, repeats_help: str) -> argparse.ArgumentParser:
+    """The options every speed benchmark shares (--device, --size, --repeats, --threads)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                         help="where to run (cuda when there is one)")
-    parser.add_argument("--size", type=int, default=4096, help="the weight is size x size")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per op; the median is shown (>= 1)")
+    parser.add_argument("--size", type=int, default=size, help=f"the {what} is size x size")
+    parser.add_argument("--repeats", type=int, default=5, help=repeats_help)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; None keeps torch's choice")
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None, min_size: int) -> argparse.Namespace:
+    """Parse, check the shared options (one-line errors) and apply --threads."""
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.size < 8:
-        parser.error("--repeats must be >= 1 and --size >= 8")
+    if args.repeats < 1 or args.size < min_size:
+        parser.error(f"--repeats must be >= 1 and --size >= {min_size}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch.cuda.is_available() is False; use --device cpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = bench_parser(__doc__.splitlines()[0], 4096, "weight", "timed runs per op; the median is shown (>= 1)")
+    args = parse_bench_args(parser, argv, min_size=8)
     print(f"kernels.bench: {args.size}x{args.size} weight, median of {args.repeats} runs after warm-up, "
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     rows, notes = run(args.size, args.repeats, args.device)

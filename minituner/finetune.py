@@ -424,7 +424,7 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
         model.train()
         history, opt, tokens = _train_classifier(model, ds_train, cfg, tok.pad_id, method, config)
         train_s = time.perf_counter() - t0
-        after = heads.accuracy(model, ds_test, tok.pad_id)
+        after = heads.accuracy(model, ds_test, tok.pad_id, progress=progress)
 
     forgetting: dict = {}
     if measure:

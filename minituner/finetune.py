@@ -306,8 +306,8 @@ def _optimizer(params_or_groups, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _train_classifier(model: nn.Module, ds, cfg: TrainConfig, pad_id: int, method: str,
-                      config: Any) -> tuple[list[dict], torch.optim.Optimizer, int]:
-    """Train through train.train; returns (history, the last optimizer, tokens seen)."""
+                      config: Any) -> tuple[list[dict], torch.optim.Optimizer, int, int]:
+    """Train through train.train; returns (history, the last optimizer, tokens seen, steps taken)."""
     counter = _CountTokens(heads.classification_loss)
     collate = Collator(pad_id)
     full = isinstance(config, FullConfig)
@@ -321,10 +321,10 @@ def _train_classifier(model: nn.Module, ds, cfg: TrainConfig, pad_id: int, metho
             opt = _optimizer(_groups(model, cfg, config), stage_cfg)
             for h in train(model, ds, stage_cfg, loss_fn=counter, optimizer=opt, collate_fn=collate):
                 history.append({**h, "step": len(history) + 1, "stage": stage})
-        return history, opt, counter.count
+        return history, opt, counter.count, per_stage * len(groups)  # stages round the steps down
     opt = _optimizer(_groups(model, cfg, config), cfg)
     history = train(model, ds, cfg, loss_fn=counter, optimizer=opt, collate_fn=collate)
-    return history, opt, counter.count
+    return history, opt, counter.count, cfg.max_steps
 
 
 def _groups(model: nn.Module, cfg: TrainConfig, config: Any) -> list[dict]:
@@ -348,8 +348,7 @@ def _train_head_on_features(model: nn.Module, ds_train, ds_test, cfg: TrainConfi
     with torch.no_grad():
         model.head.eval()
         acc = float((model.head(f_test).argmax(-1) == y_test).float().mean())
-    seen = min(cfg.max_steps * cfg.batch_size, 10**12)
-    tokens = seen * sum(len(x["input_ids"]) for x in ds_train) // len(ds_train)  # examples seen x mean length
+    tokens = cfg.max_steps * cfg.batch_size * sum(len(x["input_ids"]) for x in ds_train) // len(ds_train)  # examples seen x mean length
     return history, opt, acc, tokens, train_s
 
 
@@ -419,12 +418,13 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
                       progress=progress, **train_kwargs)
 
     t0 = time.perf_counter()
+    steps_taken = cfg.max_steps
     if spec.cached_features:
         history, opt, after, tokens, train_s = _train_head_on_features(model, ds_train, ds_test, cfg,
                                                                        tok.pad_id, progress)
     else:
         model.train()
-        history, opt, tokens = _train_classifier(model, ds_train, cfg, tok.pad_id, method, config)
+        history, opt, tokens, steps_taken = _train_classifier(model, ds_train, cfg, tok.pad_id, method, config)
         train_s = time.perf_counter() - t0
         after = heads.accuracy(model, ds_test, tok.pad_id, progress=progress)
 
@@ -443,7 +443,7 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
         majority=majority_accuracy(task_data.train, task_data.test), trainable=trainable, total=total,
         trainable_pct=100.0 * trainable / total, forgetting=forgetting, memory=memory,
         bytes_per_param=memory["total_per_param"], wall_s=time.perf_counter() - start, train_s=train_s,
-        tokens_per_s=tokens / max(train_s, 1e-9), steps=cfg.max_steps, n_train=len(task_data.train),
+        tokens_per_s=tokens / max(train_s, 1e-9), steps=steps_taken, n_train=len(task_data.train),
         n_test=len(task_data.test), seed=seed, config=_plain(dataclasses.asdict(config)),
         train_config=_plain(cfg.to_dict()), history=[_plain(h) for h in history])
     if out is not None:

@@ -120,6 +120,7 @@ def test_gradual_unfreezing_trains_the_top_first(tiny_base):
     out1 = finetune.run("full", base=tiny_base, config=FullConfig(gradual_unfreezing=True),
                         steps=1, **FAST)  # max(1, 1 // groups) = 1 step per stage: all stages
     assert len(out1.result.history) == n_groups
+    assert out1.result.steps == n_groups  # the steps taken, not the 1 asked for
 
 
 def test_adapters_disabled_give_back_the_base_measures(tiny_base):

@@ -97,7 +97,7 @@ def load_optimizer_speed():
 def test_optimizer_speed_rows(capsys):
     """The paged optimizers take the same steps as torch AdamW on the same parameter (max
     |dtheta| at float32 rounding); above the state size no page moves after the first step, at a
-    quarter of it pages move every step; AdamW/ours is torch's time over ours."""
+    quarter of it pages move every step; AdamW/ours is the faster torch AdamW's (fused or not) time over ours."""
     speed = load_optimizer_speed()
     rows = speed.run(size=32, repeats=2, device="cpu")
     ms = {r["op"]: r["ms"] for r in rows}
@@ -105,7 +105,7 @@ def test_optimizer_speed_rows(capsys):
     assert [r["op"] for r in rows][0] == speed.TORCH and len(paged) == 2
     for r in paged:
         assert r["max |dtheta|"] <= 1e-6
-        assert r["AdamW/ours"] == pytest.approx(ms[speed.TORCH] / r["ms"], rel=1e-9)
+        assert r["AdamW/ours"] == pytest.approx(min(ms[speed.TORCH], ms[speed.FUSED]) / r["ms"], rel=1e-9)
     assert paged[0]["pages in/step"] == 0 and paged[1]["pages in/step"] > 0
     with pytest.raises(SystemExit):
         speed.main(["--help"])

@@ -79,6 +79,10 @@ METHODS: dict[str, Method] = {
     "head": Method("head", lr=3e-2, steps=600, batch_size=64, cached_features=True),
     "adapters": Method("adapters", lr=1e-2, steps=900, disableable=True),
     "lora": Method("lora", lr=1e-3, steps=300, disableable=True),
+    # first guesses, to be tuned by measurement as each chapter lands
+    "prompt": Method("prompt", lr=3e-2, steps=300, disableable=True),
+    "prefix": Method("prefix", lr=1e-3, steps=300, disableable=True),
+    "qlora": Method("qlora", lr=1e-3, steps=300, disableable=True),
 }
 
 
@@ -497,6 +501,8 @@ def add_arguments(parser, number: Callable | None = None) -> None:
     parser.add_argument("--alpha", type=rate, default=16, help="lora: the update is scaled by alpha / r")
     parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
                         help="lora: module names (or one regular expression) to adapt")
+    parser.add_argument("--num-virtual-tokens", type=count, default=None,
+                        help="prompt, prefix: virtual tokens (default: the technique's)")
     parser.add_argument("--lr-decay", type=rate, default=None,
                         help="full: ULMFiT discriminative rates, eta^(l-1) = eta^l / this (2.6)")
     parser.add_argument("--gradual-unfreezing", action="store_true", help="full: ULMFiT gradual unfreezing")
@@ -517,6 +523,14 @@ def config_from_args(args) -> Any:
         from .lora import LoRAConfig
 
         return LoRAConfig(r=args.r, alpha=args.alpha, target_modules=tuple(args.target_modules))
+    if args.method == "qlora":
+        from .qlora import QLoRAConfig
+
+        return QLoRAConfig(r=args.r, alpha=args.alpha, target_modules=tuple(args.target_modules))
+    if args.method in ("prompt", "prefix"):
+        config_cls = METHODS[args.method].config_class()
+        n = args.num_virtual_tokens
+        return config_cls() if n is None else config_cls(num_virtual_tokens=n)
     return None  # the method's defaults (the head's num_classes comes from the task)
 
 

@@ -53,6 +53,9 @@ TECHNIQUES: dict[str, tuple[str, str, str]] = {
     "head": ("minituner.heads", "HeadConfig", "apply_head"),
     "adapters": ("minituner.adapters", "AdapterConfig", "apply_adapters"),
     "lora": ("minituner.lora", "LoRAConfig", "apply_lora"),
+    "prompt": ("minituner.prompt", "PromptConfig", "apply_prompt"),
+    "prefix": ("minituner.prefix", "PrefixConfig", "apply_prefix"),
+    "qlora": ("minituner.qlora", "QLoRAConfig", "apply_qlora"),
 }
 
 

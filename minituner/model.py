@@ -406,13 +406,17 @@ class Transformer(nn.Module):
 
     # -- masks and positions ----------------------------------------------------------------
     def _mask(self, attention_mask: torch.Tensor | None, B: int, T: int, past: int, P: int,
-              device: torch.device) -> tuple[torch.Tensor | None, bool]:
+              device: torch.device, document_ids: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor | None, bool]:
         """Boolean SDPA mask (B|1, 1, T, S), True = attend, or None with is_causal.
 
-        Decided from shapes only, never from the mask's values (that would be a host sync).
+        `document_ids` (B, T), for packed sequences: a query sees only keys of its own document
+        (block-diagonal, and causal within a block), so packed examples never attend to each
+        other; prefix slots stay visible to all. Decided from shapes only, never from the
+        mask's values (that would be a host sync).
         """
         causal = self.config.causal
-        if attention_mask is None:
+        if attention_mask is None and document_ids is None:
             if not causal or T == 1:  # every query sees every key (one new query sees its past)
                 return None, False
             if past == 0 and P == 0:  # plain causal: SDPA's fused kernels build it themselves
@@ -422,18 +426,31 @@ class Transformer(nn.Module):
         if causal:  # query at position past+i sees token keys 0..past+i, and every prefix slot
             q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
             allowed[:, P:] = torch.arange(past + T, device=device)[None] <= q_pos  # (T, past+T)
+        if document_ids is not None:  # block diagonal: same document only, (B, T, T)
+            same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+            allowed = allowed[None].repeat(document_ids.shape[0], 1, 1)  # (B, T, S)
+            allowed[:, :, P:] &= same
         if attention_mask is None:
-            return allowed[None, None], False  # (1, 1, T, S)
+            return (allowed if allowed.dim() == 3 else allowed[None])[:, None], False  # (B|1, 1, T, S)
         keys = torch.cat((attention_mask.new_ones(B, P), attention_mask), 1).bool()  # (B, S)
-        allowed = allowed[None] & keys[:, None, :]  # (B, T, S): no query sees a pad key
+        allowed = allowed & keys[:, None, :]  # (B, T, S): no query sees a pad key
         # a pad query sees at least itself: no softmax row is empty (its output is unspecified)
         allowed[:, :, P + past:] |= torch.eye(T, dtype=torch.bool, device=device)  # (B, T, T)
         return allowed[:, None], False  # (B, 1, T, S)
 
+    @staticmethod
+    def _document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+        """Positions that restart at 0 where each packed document starts: (B, T) -> (B, T)."""
+        T = document_ids.shape[1]
+        t = torch.arange(T, device=document_ids.device).expand_as(document_ids)  # (B, T)
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # (B, T) first token of a document
+        return t - torch.where(starts, t, torch.zeros_like(t)).cummax(1).values  # t - its document's start
+
     # -- the backbone -----------------------------------------------------------------------
     def _backbone(self, input_ids=None, inputs_embeds=None, attention_mask=None,
                   token_type_ids=None, position_ids=None, prefix_kv=None,
-                  kv_cache: KVCache | None = None) -> torch.Tensor:
+                  kv_cache: KVCache | None = None, document_ids=None) -> torch.Tensor:
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, C)")
@@ -455,13 +472,18 @@ class Transformer(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
             raise ValueError(f"attention_mask must be (B, past+T) = {(B, past + T)}, "
                              f"got {tuple(attention_mask.shape)}")
+        if document_ids is not None and (tuple(document_ids.shape) != (B, T) or past):
+            raise ValueError(f"document_ids must be (B, T) = {(B, T)} and cannot be used with a KV cache, "
+                             f"got {tuple(document_ids.shape)} with {past} cached positions")
         P = 0
         if prefix_kv is not None:
             if len(prefix_kv) != cfg.n_layer:
                 raise ValueError(f"prefix_kv needs one (k, v) per layer: {cfg.n_layer}, got {len(prefix_kv)}")
             P = prefix_kv[0][0].shape[2]
         if position_ids is None:
-            if attention_mask is not None:  # padding takes no positions: real tokens count 0, 1, ...
+            if document_ids is not None:  # packed documents: each counts its positions from 0
+                position_ids = self._document_positions(document_ids)  # (B, T)
+            elif attention_mask is not None:  # padding takes no positions: real tokens count 0, 1, ...
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)[:, past:]  # (B, T)
             else:
                 position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
@@ -475,7 +497,7 @@ class Transformer(nn.Module):
         if cfg.emb_norm:
             x = self.emb_norm(x)
         x = self.drop(x)
-        mask, is_causal = self._mask(attention_mask, B, T, past, P, device)
+        mask, is_causal = self._mask(attention_mask, B, T, past, P, device, document_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, is_causal, rope, prefix_kv[i] if prefix_kv is not None else None, kv_cache)
         if kv_cache is not None:
@@ -488,10 +510,12 @@ class Transformer(nn.Module):
                 token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
                 prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) with an LM head (gpt2, llama); final hidden states (B, T, C) without (bert)."""
+                kv_cache: KVCache | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) with an LM head (gpt2, llama); final hidden states (B, T, C) without (bert).
+        `document_ids` (B, T) marks packed examples: see `_mask` (positions restart per document)."""
         h = self._backbone(input_ids, inputs_embeds, attention_mask, token_type_ids,
-                           position_ids, prefix_kv, kv_cache)
+                           position_ids, prefix_kv, kv_cache, document_ids)
         return self.lm_head(h) if self.config.lm_head else h
 
     def hidden_states(self, input_ids: torch.Tensor | None = None,

@@ -242,7 +242,8 @@ def find_base_model(weights: str | os.PathLike | None = None) -> Path:
 
 # -- Hugging Face configs -------------------------------------------------------------------------
 def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict (model_type gpt2, llama or bert).
+    """ModelConfig from a Hugging Face config.json dict (model_type gpt2, llama, mistral,
+    qwen2 or bert; Mistral and Qwen2 are the llama family, Qwen2 with qkv_bias=True).
 
     Dropout is not copied (0.0, for reproducible fine-tuning); pass dropout=... to override.
     """
@@ -255,12 +256,31 @@ def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
         raise CheckpointError(f"the config has a field of the wrong type or name ({e})") from None
 
 
+_LLAMA_TYPES = ("llama", "mistral", "qwen2")  # model_types read as family="llama"
+
+
+def _attention_span(hf: Mapping, max_positions: int) -> int:
+    """block_size for a config that may use sliding-window attention (Mistral, Qwen2).
+
+    This model attends to every earlier token. A sliding window of w tokens sees the same
+    tokens as long as a sequence is at most w long, so block_size is capped at w: longer
+    sequences are refused (a clear error) instead of being computed differently.
+    """
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types") or []
+    sliding = ("sliding_attention" in layer_types if layer_types
+               else hf.get("use_sliding_window", hf.get("model_type") == "mistral"))
+    return min(max_positions, window) if sliding and window else max_positions
+
+
 def _config_from_hf(hf: Mapping, overrides: dict) -> ModelConfig:
     mt = hf.get("model_type")
     if mt == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise CheckpointError(f"GPT-2 activation {hf['activation_function']!r} is not supported "
                                   "(this model implements gelu_new, the tanh approximation)")
+        if not hf.get("scale_attn_weights", True):
+            raise CheckpointError("GPT-2 scale_attn_weights=False is not supported (attention divides by sqrt(D))")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise CheckpointError("GPT-2 options scale_attn_by_inverse_layer_idx / "
                                   "reorder_and_upcast_attn are not supported")
@@ -268,23 +288,27 @@ def _config_from_hf(hf: Mapping, overrides: dict) -> ModelConfig:
                    n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                    intermediate_size=hf.get("n_inner"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                    bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
-    elif mt == "llama":
+    elif mt in _LLAMA_TYPES:  # Mistral and Qwen2 are Llama's layout with other defaults
         rope = dict(hf.get("rope_parameters") or {})
         scaling = hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
         if rope_type != "default":
-            raise CheckpointError(f"Llama rope_type {rope_type!r} is not supported (only 'default')")
+            raise CheckpointError(f"{mt} rope_type {rope_type!r} is not supported (only 'default')")
         if hf.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"Llama hidden_act {hf['hidden_act']!r} is not supported (silu only)")
-        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
-            raise CheckpointError("attention_bias and mlp_bias differ; minituner has one bias flag")
-        cfg = dict(family="llama", vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+            raise CheckpointError(f"{mt} hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+        if mt == "qwen2":  # biases on q, k, v only (Qwen2Attention), none on o_proj or the MLP
+            attention_bias, qkv_bias, mlp_bias = False, True, False
+        else:  # LlamaConfig: attention_bias on q, k, v and o; mlp_bias on gate, up, down
+            attention_bias = bool(hf.get("attention_bias", False))
+            qkv_bias, mlp_bias = attention_bias, bool(hf.get("mlp_bias", False))
+        cfg = dict(family="llama", vocab_size=hf["vocab_size"],
+                   block_size=_attention_span(hf, hf["max_position_embeddings"]),
                    n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                    n_kv_head=hf.get("num_key_value_heads"), n_embd=hf["hidden_size"],
                    intermediate_size=hf["intermediate_size"], head_dim=hf.get("head_dim"),
                    norm_eps=hf.get("rms_norm_eps", 1e-6),
                    rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-                   bias=bool(hf.get("attention_bias", False)),
+                   bias=attention_bias, qkv_bias=qkv_bias, mlp_bias=mlp_bias,
                    tie_embeddings=hf.get("tie_word_embeddings", False))
     elif mt == "bert":
         if hf.get("hidden_act", "gelu") != "gelu":
@@ -297,7 +321,8 @@ def _config_from_hf(hf: Mapping, overrides: dict) -> ModelConfig:
                    norm_eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=hf.get("type_vocab_size", 2),
                    bias=True)
     else:
-        raise CheckpointError(f"model_type {mt!r} is not supported; use a gpt2, llama or bert checkpoint")
+        raise CheckpointError(f"model_type {mt!r} is not supported; use a gpt2, llama (or mistral, qwen2) "
+                              "or bert checkpoint")
     cfg.update(overrides)
     return ModelConfig(**cfg)
 
@@ -427,3 +452,216 @@ def load_hf(source: str | os.PathLike | Mapping[str, torch.Tensor], family: str 
         raise CheckpointError(f"expected a {family} checkpoint, the config says {config.family}")
     ours, sources = convert_hf_state_dict(state, config)
     return _build(config, ours, sources, device=device, dtype=dtype)
+
+
+# -- writing a Hugging Face directory (the inverse of load_hf) ------------------------------------
+# (pattern on our key, HF key template without the model prefix, transform), the rules above read
+# right to left. "T": nn.Linear (out, in) -> Conv1D (in, out). GPT-2's q, k, v fuse into c_attn.
+_HF_RULES: dict[str, list[tuple[str, str, str | None]]] = {
+    "gpt2": [
+        (r"tok_emb\.weight", "wte.weight", None),
+        (r"pos_emb\.weight", "wpe.weight", None),
+        (r"blocks\.(\d+)\.attn_norm\.(weight|bias)", "h.{0}.ln_1.{1}", None),
+        (r"blocks\.(\d+)\.attn\.o_proj\.(weight|bias)", "h.{0}.attn.c_proj.{1}", "T"),
+        (r"blocks\.(\d+)\.mlp_norm\.(weight|bias)", "h.{0}.ln_2.{1}", None),
+        (r"blocks\.(\d+)\.mlp\.fc\.(weight|bias)", "h.{0}.mlp.c_fc.{1}", "T"),
+        (r"blocks\.(\d+)\.mlp\.proj\.(weight|bias)", "h.{0}.mlp.c_proj.{1}", "T"),
+        (r"norm_f\.(weight|bias)", "ln_f.{0}", None),
+    ],
+    "llama": [
+        (r"tok_emb\.weight", "embed_tokens.weight", None),
+        (r"blocks\.(\d+)\.attn\.([qkvo]_proj)\.(weight|bias)", "layers.{0}.self_attn.{1}.{2}", None),
+        (r"blocks\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.(weight|bias)", "layers.{0}.mlp.{1}.{2}", None),
+        (r"blocks\.(\d+)\.attn_norm\.weight", "layers.{0}.input_layernorm.weight", None),
+        (r"blocks\.(\d+)\.mlp_norm\.weight", "layers.{0}.post_attention_layernorm.weight", None),
+        (r"norm_f\.weight", "norm.weight", None),
+    ],
+    "bert": [
+        (r"tok_emb\.weight", "embeddings.word_embeddings.weight", None),
+        (r"pos_emb\.weight", "embeddings.position_embeddings.weight", None),
+        (r"type_emb\.weight", "embeddings.token_type_embeddings.weight", None),
+        (r"emb_norm\.(weight|bias)", "embeddings.LayerNorm.{0}", None),
+        (r"blocks\.(\d+)\.attn\.q_proj\.(weight|bias)", "encoder.layer.{0}.attention.self.query.{1}", None),
+        (r"blocks\.(\d+)\.attn\.k_proj\.(weight|bias)", "encoder.layer.{0}.attention.self.key.{1}", None),
+        (r"blocks\.(\d+)\.attn\.v_proj\.(weight|bias)", "encoder.layer.{0}.attention.self.value.{1}", None),
+        (r"blocks\.(\d+)\.attn\.o_proj\.(weight|bias)", "encoder.layer.{0}.attention.output.dense.{1}", None),
+        (r"blocks\.(\d+)\.attn_norm\.(weight|bias)", "encoder.layer.{0}.attention.output.LayerNorm.{1}", None),
+        (r"blocks\.(\d+)\.mlp\.fc\.(weight|bias)", "encoder.layer.{0}.intermediate.dense.{1}", None),
+        (r"blocks\.(\d+)\.mlp\.proj\.(weight|bias)", "encoder.layer.{0}.output.dense.{1}", None),
+        (r"blocks\.(\d+)\.mlp_norm\.(weight|bias)", "encoder.layer.{0}.output.LayerNorm.{1}", None),
+    ],
+}
+# The Hugging Face class each export is for: its weights carry that class's prefix. BERT is
+# written as BertModel (no "bert." prefix, no pooler: BertModel's pooler is a head we do not build).
+_HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "bert": "BertModel"}
+_HF_WRITE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": ""}
+# What each Hugging Face model type computes, as our config's fields: anything else cannot be
+# written in its layout (e.g. a gpt2-family model with rope positions).
+_HF_ARCH = {
+    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu_tanh", post_norm=False, causal=True,
+                 lm_head=True, token_types=False, emb_norm=False, bias=True, qkv_bias=True, mlp_bias=True),
+    "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", post_norm=False, causal=True,
+                  lm_head=True, token_types=False, emb_norm=False),
+    "bert": dict(norm="layernorm", positions="learned", mlp="gelu", post_norm=True, causal=False,
+                 lm_head=False, token_types=True, emb_norm=True, bias=True, qkv_bias=True, mlp_bias=True),
+}
+
+
+def hf_model_type(config: ModelConfig) -> str:
+    """The Hugging Face model_type that computes exactly what `config` does, or a CheckpointError
+    naming the field no Hugging Face layout of its family can express."""
+    fam = config.family
+    wrong = [f"{k}={getattr(config, k)!r} (the {fam} layout has {v!r})"
+             for k, v in _HF_ARCH[fam].items() if getattr(config, k) != v]
+    if fam != "llama" and config.n_kv_head != config.n_head:
+        wrong.append(f"n_kv_head={config.n_kv_head} (grouped-query attention needs the llama layout)")
+    if fam != "llama" and config.head_dim * config.n_head != config.n_embd:
+        wrong.append(f"head_dim={config.head_dim} (the {fam} layout has n_embd / n_head)")
+    if fam == "llama" and config.qkv_bias != config.bias:
+        if not (config.qkv_bias and not config.bias and not config.mlp_bias):
+            wrong.append(f"qkv_bias={config.qkv_bias} with bias={config.bias}, mlp_bias={config.mlp_bias} "
+                         "(Llama biases q, k, v and o together; Qwen2 biases q, k, v only)")
+        else:
+            return "qwen2"
+    if wrong:
+        raise CheckpointError("save_hf cannot write this model in a Hugging Face layout: " + "; ".join(wrong))
+    return fam
+
+
+def hf_config(config: ModelConfig, tokenizer=None) -> dict:
+    """The Hugging Face config.json dict for `config` (the inverse of `config_from_hf`), with
+    bos/eos/pad ids from `tokenizer` (a minituner Tokenizer) when given, else null."""
+    mt = hf_model_type(config)
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    c, p = config, config.dropout
+    if mt == "gpt2":
+        fields_ = dict(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                       n_head=c.n_head, n_inner=None if c.intermediate_size == 4 * c.n_embd else c.intermediate_size,
+                       activation_function="gelu_new", layer_norm_epsilon=c.norm_eps, resid_pdrop=p,
+                       embd_pdrop=p, attn_pdrop=p, scale_attn_weights=True, tie_word_embeddings=c.tie_embeddings)
+    elif mt in ("llama", "qwen2"):
+        fields_ = dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, hidden_size=c.n_embd,
+                       num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                       head_dim=c.head_dim, intermediate_size=c.intermediate_size, hidden_act="silu",
+                       rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                       rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+                       attention_dropout=p, tie_word_embeddings=c.tie_embeddings)
+        if mt == "llama":
+            fields_.update(attention_bias=c.bias, mlp_bias=c.mlp_bias)
+        else:
+            fields_.update(use_sliding_window=False, sliding_window=None)
+    else:
+        fields_ = dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, hidden_size=c.n_embd,
+                       num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                       intermediate_size=c.intermediate_size, hidden_act="gelu", layer_norm_eps=c.norm_eps,
+                       type_vocab_size=c.type_vocab_size, hidden_dropout_prob=p, attention_probs_dropout_prob=p,
+                       position_embedding_type="absolute")
+    return {"architectures": [_HF_CLASS[mt]], "model_type": mt, **fields_, **ids}
+
+
+def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> Hugging Face tensor names and layouts (inverse of `convert_hf_state_dict`).
+
+    GPT-2: q, k, v (C, C) each are stacked into (3C, C) and transposed to c_attn's Conv1D (C, 3C);
+    every other Linear is transposed too. A tied lm_head is not written (it is the embedding).
+    """
+    fam, prefix = config.family, _HF_WRITE_PREFIX[config.family]
+    rules = [(re.compile(p), t, tr) for p, t, tr in _HF_RULES[fam]]
+    out: dict[str, torch.Tensor] = {}
+    for key, w in state.items():
+        if key == "lm_head.weight":
+            if not config.tie_embeddings:
+                out["lm_head.weight"] = w  # the head sits outside the model prefix
+            continue
+        if fam == "gpt2" and (m := re.fullmatch(r"blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)", key)):
+            if m.group(2) != "q":
+                continue  # k and v are written with q, as one fused tensor
+            parts = [state[f"blocks.{m.group(1)}.attn.{n}_proj.{m.group(3)}"] for n in "qkv"]
+            fused = torch.cat(parts, dim=0)  # (3C, C) or (3C,)
+            out[f"{prefix}h.{m.group(1)}.attn.c_attn.{m.group(3)}"] = fused.t() if fused.dim() == 2 else fused  # (C, 3C)
+            continue
+        for pattern, template, transform in rules:
+            if (m := pattern.fullmatch(key)) is not None:
+                out[prefix + template.format(*m.groups())] = w.t() if transform == "T" and w.dim() == 2 else w
+                break
+        else:
+            raise CheckpointError(f"no Hugging Face {fam} name for our key {key!r}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _plain_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights, checked to be exactly a base Transformer's (no injected modules)."""
+    if not isinstance(getattr(model, "config", None), ModelConfig):
+        raise TypeError("save_hf() needs a minituner Transformer (with a ModelConfig in .config)")
+    with torch.device("meta"):
+        expected = set(Transformer(model.config).state_dict())
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+    if extra or missing:
+        raise CheckpointError(
+            f"save_hf writes a plain {model.config.family} model, but this one has injected modules "
+            f"(e.g. {(extra or missing)[:3]}): save the base model without them and the technique "
+            "separately (LoRA: minituner.lora.save_peft, which PEFT loads on this export)")
+    return state
+
+
+def _tokenizer_config(tokenizer, config: ModelConfig) -> dict:
+    """tokenizer_config.json for transformers' PreTrainedTokenizerFast over our tokenizer.json."""
+    names = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
+    out = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size,
+           "clean_up_tokenization_spaces": False}
+    out.update({k: tokenizer.id_to_token(i) for k, i in names.items() if i is not None})
+    for k, tok in (("unk_token", "[UNK]"), ("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("mask_token", "[MASK]")):
+        if tokenizer.backend.token_to_id(tok) is not None:  # WordPiece (BERT) files
+            out[k] = tok
+    return out
+
+
+def save_hf(model: Transformer, directory: str | os.PathLike, family: str | None = None,
+            tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write `model` as a Hugging Face directory that `transformers` loads with no missing or
+    unexpected weights, atomically (all files appear together, or none do):
+
+        config.json              model_type gpt2 / llama / qwen2 / bert, bos/eos/pad ids
+        model.safetensors        GPT2LMHeadModel / LlamaForCausalLM / Qwen2ForCausalLM / BertModel
+        generation_config.json   (causal LMs with a tokenizer) the same bos/eos/pad ids
+        tokenizer.json, tokenizer_config.json   (with a tokenizer) for AutoTokenizer
+
+    family: optional check that the model is the family you expect (as in `load_hf`).
+    tokenizer: a minituner Tokenizer, or the path of a tokenizer.json / a directory holding one.
+    overwrite: a directory that already holds files is refused unless True; then the files
+    listed above are replaced and any others in it are kept (as `save_pretrained` does).
+    BERT is written as BertModel without a pooler: load it with
+    `AutoModel.from_pretrained(dir, add_pooling_layer=False)`.
+    """
+    state = _plain_state(model)
+    config = model.config
+    if family is not None and family != config.family:
+        raise CheckpointError(f"expected a {family} model, this one is {config.family}")
+    if tokenizer is not None and not hasattr(tokenizer, "bos_id"):
+        from minituner.tokenizer import Tokenizer  # checkpoint does not need tokenizers otherwise
+        tokenizer = Tokenizer.load(tokenizer)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                              f"{config.vocab_size}; pass the tokenizer the model was trained with")
+    hf = hf_config(config, tokenizer)  # raises before anything is written
+    hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    tensors = to_hf_state_dict(state, config)
+    d = Path(directory)
+    if d.is_file() or (d.is_dir() and any(d.iterdir()) and not overwrite):
+        found = sorted(p.name for p in d.iterdir())[:10] if d.is_dir() else "a file"
+        raise CheckpointError(f"{d} already exists and is not empty (holds {found}); pass overwrite=True to "
+                              "replace the model files in it, or choose a new directory")
+    with atomic_directory(d) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.backend.save(str(tmp / "tokenizer.json"))
+            tok_cfg = _tokenizer_config(tokenizer, config)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
+            if config.lm_head:
+                gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+                (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    return d

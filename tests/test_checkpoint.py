@@ -401,3 +401,55 @@ def test_config_from_hf_llama_and_unsupported():
         config_from_hf({**d, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}})
     with pytest.raises(CheckpointError, match="model_type 't5' is not supported"):
         config_from_hf({"model_type": "t5"})
+
+
+# -- Llama's relatives: Mistral and Qwen2 (model_type), Llama's attention_bias / mlp_bias -----------------
+def hf_llama_like(kind: str, **extra):
+    """A tiny random model of one of the llama family's Hugging Face model types."""
+    transformers = transformers_lib()
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, rope_theta=500.0)
+    config_cls, model_cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+                             "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[kind]
+    return scramble(model_cls(config_cls(**{**common, **extra})))
+
+
+@pytest.mark.parametrize("kind, extra, flags", [
+    ("qwen2", {}, (True, False, False)),  # (qkv_bias, bias, mlp_bias): Qwen2 biases q, k, v only
+    ("mistral", {}, (False, False, False)),
+    ("llama", {"mlp_bias": True}, (False, False, True)),
+    ("llama", {"attention_bias": True}, (True, True, False)),
+])
+def test_llama_relatives_load_with_their_biases_and_match(kind, extra, flags, tmp_path):
+    hf = hf_llama_like(kind, **extra)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    c = ours.config
+    assert (c.family, c.qkv_bias, c.bias, c.mlp_bias, c.n_kv_head) == ("llama", *flags, 2)
+    x, mask = batch()
+    with torch.no_grad():
+        ref = hf(x, attention_mask=mask).logits
+        got = ours(x, attention_mask=mask)
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max() <= TOL
+
+
+def test_sliding_window_caps_block_size_and_matches_within_it(tmp_path):
+    """Mistral attends to the last w tokens: the same as full causal attention for T <= w, so
+    block_size becomes w (a longer input is refused, never computed differently)."""
+    hf = hf_llama_like("mistral", sliding_window=12)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    assert ours.config.block_size == 12
+    x = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max() <= TOL
+    qwen = {"model_type": "qwen2", "max_position_embeddings": 64, "sliding_window": 16}
+    assert ckpt._attention_span({**qwen, "use_sliding_window": False}, 64) == 64
+    assert ckpt._attention_span({**qwen, "layer_types": ["full_attention", "sliding_attention"]}, 64) == 16
+
+
+def test_config_from_hf_gpt2_without_attention_scaling_is_refused():
+    with pytest.raises(CheckpointError, match="scale_attn_weights=False is not supported"):
+        config_from_hf({**GPT2_CONFIG, "scale_attn_weights": False})

@@ -1,0 +1,250 @@
+"""Prefix tuning (Chapter 05).
+
+Paper
+-----
+Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", arXiv:2101.00190.
+
+The language model stays frozen; P "virtual tokens" are put in front of every sequence, and
+their activations are free parameters, never computed from an input (Sec. 4, "Method"):
+
+    h_i = P_theta[i, :]          if i is a prefix slot (i < P)
+    h_i = LM_phi(z_i, h_<i)      otherwise                     (every later token reads them)
+
+What a later token reads from slot i, in layer l, is its key and its value. So P_theta holds,
+per slot, a key and a value for every layer and key/value head (H_kv: grouped-query
+attention shares them like the model's own keys):
+
+    P_theta (P, L * 2 * H_kv * D)  --view-->  K_l, V_l (H_kv, P, D) for l = 0 .. L-1
+    attention_l(q) = softmax(q [K_l ; K_x]^T / sqrt(D)) [V_l ; V_x]          (Vaswani Eq. 1)
+
+Reparametrisation (Sec. 4, "Parametrization of P_theta"): optimising P_theta directly is
+unstable, so it is trained through a small MLP on a smaller matrix P' (P, H_kv * D),
+
+    P_theta[i, :] = MLP_theta(P'_theta[i, :]),   MLP = Linear -> tanh -> Linear     (PEFT's too)
+
+and once trained only P_theta is kept: `fold_prefix` computes it and drops P' and the MLP.
+
+How the prefix reaches attention (seam 2 of minituner.model)
+------------------------------------------------------------
+`apply_prefix` puts a `Prefix` module at `model.prefix` and a forward pre-hook on every
+`blocks.{i}.attn`. Each attention call, whoever made it (`forward`, `hidden_states`, `generate`
+with its KV cache), gets layer i's (K_i, V_i) (1, H_kv, P, D) in front of its keys and values
+(after any `prefix_kv` the caller passed: the model's own argument keeps its meaning), and the
+attention mask gains P columns that every query may see. Hooking attention rather than
+`Transformer.forward` is what makes `hidden_states` (the recipe's head) see the prefix too.
+P_theta is computed once per model call, at layer 0. Like the seam says, prefix slots take no
+positions: with RoPE the stored keys are already rotated, and the first real token is at 0.
+
+PEFT's layout (`save_peft` / `load_peft`)
+-----------------------------------------
+PEFT stores `prompt_embeddings` (P, L * 2 * H_kv * D) -- the same P_theta, viewed as
+(P, L, 2, H_kv, D) -- and feeds it to the Hugging Face model as a KV cache of P past tokens.
+That cache moves every real token to position P + t:
+- RoPE (llama family): a key's score depends on positions only through m - n, so PEFT's
+  keys are ours rotated by position P (K_peft = R_P K), exactly, for every query.
+- Learned positions (gpt2, bert): token t reads position embedding P + t in PEFT, t here;
+  no prefix can make up for a different input embedding, so these families are refused.
+- Padding: Hugging Face derives positions from the cache length, not the attention mask, so
+  PEFT's outputs shift with left padding; ours do not. Logits agree on unpadded and
+  right-padded rows (tests/test_prefix.py, 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from minituner.files import atomic_directory
+from minituner.model import apply_rope, rope_cos_sin
+from minituner.protocol import Injected, applied, freeze, mark_applied
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """Field names follow PEFT's PrefixTuningConfig."""
+
+    num_virtual_tokens: int = 10  # P, prefix slots per layer (0: the model is unchanged)
+    prefix_projection: bool = True  # train through P = MLP(P') (Sec. 4); False: P itself
+    encoder_hidden_size: int | None = None  # the MLP's hidden width; None -> H_kv * D (PEFT's)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
+                or self.num_virtual_tokens < 0:
+            raise ValueError(f"num_virtual_tokens={self.num_virtual_tokens!r} must be an integer >= 0")
+        if self.encoder_hidden_size is not None and (not isinstance(self.encoder_hidden_size, int)
+                                                     or self.encoder_hidden_size < 1):
+            raise ValueError(f"encoder_hidden_size={self.encoder_hidden_size!r}: a positive width, "
+                             "or None for H_kv * D")
+
+
+class Prefix(Injected):
+    """P_theta for every layer: `embedding` is P' (P, H_kv*D) with `transform` (the MLP), or
+    P_theta (P, L*2*H_kv*D) itself without (PEFT's PrefixEncoder names)."""
+
+    def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, config: PrefixConfig) -> None:
+        super().__init__()
+        self.n_layer, self.n_kv_head, self.head_dim = n_layer, n_kv_head, head_dim
+        P, token_dim = config.num_virtual_tokens, n_kv_head * head_dim
+        out = n_layer * 2 * token_dim
+        if config.prefix_projection:
+            hidden = config.encoder_hidden_size or token_dim
+            self.embedding = nn.Parameter(torch.randn(P, token_dim))  # P' (P, H_kv*D)
+            self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
+        else:
+            self.embedding = nn.Parameter(torch.randn(P, out))  # P_theta (P, L*2*H_kv*D)
+            self.transform = None
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # this call's, from layer 0
+
+    def prefix(self) -> torch.Tensor:
+        """P_theta (P, L*2*H_kv*D): MLP(P') while reparametrised, else the stored table."""
+        return self.embedding if self.transform is None else self.transform(self.embedding)
+
+    def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(K_l, V_l)] per layer, each (1, H_kv, P, D), in the rotated space (seam 2)."""
+        P = self.embedding.shape[0]
+        kv = self.prefix().view(P, self.n_layer, 2, self.n_kv_head, self.head_dim)  # (P, L, 2, H_kv, D)
+        kv = kv.permute(1, 2, 3, 0, 4)[:, :, None]  # (L, 2, 1, H_kv, P, D)
+        return [(k, v) for k, v in kv]
+
+    def inject(self, layer: int, attn: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Forward pre-hook of blocks.{layer}.attn, called as attn(x, mask, is_causal, rope,
+        prefix, cache, layer): prepend (K, V) to `prefix` and P visible columns to `mask`."""
+        if self.disabled or self.embedding.shape[0] == 0:
+            return None
+        if layer == 0 or self._kv is None:
+            self._kv = self.key_values()  # P_theta once per model call (the MLP runs once)
+        pk, pv = self._kv[layer]  # (1, H_kv, P, D) each
+        if layer == self.n_layer - 1:
+            self._kv = None  # hold no graph between calls
+        x, mask, is_causal, rope, prefix, cache, *rest = args
+        B, T, P = x.shape[0], x.shape[1], pk.shape[2]
+        if prefix is not None:  # the caller's prefix_kv stays, after ours
+            ck, cv = prefix
+            pk = torch.cat((pk.to(ck.dtype).expand(ck.shape[0], -1, -1, -1), ck), dim=2)  # (B|1, H_kv, P+P_c, D)
+            pv = torch.cat((pv.to(cv.dtype).expand(cv.shape[0], -1, -1, -1), cv), dim=2)
+        if is_causal:  # only without a mask, cache or prefix: token t sees tokens 0..t
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]  # (1, 1, T, T)
+        if mask is not None:  # every query sees every prefix slot: P columns of True in front
+            seen = mask.new_ones(*mask.shape[:-1], P)  # (B|1, 1, T, P)
+            mask = torch.cat((seen, mask), dim=-1)  # (B|1, 1, T, P + S)
+        return (x, mask, False, rope, (pk, pv), cache, *rest), kwargs
+
+
+def prefix_module(model: nn.Module) -> Prefix | None:
+    m = getattr(model, "prefix", None)
+    return m if isinstance(m, Prefix) else None
+
+
+def apply_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
+    """Freeze `model` and give every attention layer P trainable prefix keys and values;
+    returns the model. Only `model.prefix` trains."""
+    if prefix_module(model) is not None or any(t["technique"] == "prefix" for t in applied(model)):
+        raise ValueError("the model already has a prefix; build a fresh base model to apply one again "
+                         "(or load_adapter(fresh_model, dir))")
+    cfg = model.config
+    freeze(model)
+    ref = next(p for p in model.parameters() if p.is_floating_point())
+    model.prefix = Prefix(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, config).to(ref.device, ref.dtype)
+    for i, block in enumerate(model.blocks):  # a bound method in a partial: deepcopy keeps it ours
+        block.attn.register_forward_pre_hook(partial(model.prefix.inject, i), with_kwargs=True)
+    mark_applied(model, "prefix", config)
+    return model
+
+
+@torch.no_grad()
+def fold_prefix(model: nn.Module) -> nn.Module:
+    """Replace P' and the MLP by P_theta = MLP(P'), computed once (Sec. 4: after training only
+    P_theta is kept); the outputs do not change. The recorded config becomes
+    prefix_projection=False, so save_adapter/load_adapter carry the folded table."""
+    p = prefix_module(model)
+    if p is None:
+        raise ValueError("the model has no prefix to fold; apply_prefix first")
+    if p.transform is not None:
+        p.embedding = nn.Parameter(p.prefix().detach().clone())  # (P, L*2*H_kv*D)
+        p.transform = None
+        for t in model.minituner_techniques:
+            if t["technique"] == "prefix":
+                t["config"] = {**t["config"], "prefix_projection": False, "encoder_hidden_size": None}
+    return model
+
+
+# ---------------------------------------------------------------------------- PEFT's layout
+def _rotate(model: nn.Module, table: torch.Tensor, position: int) -> torch.Tensor:
+    """The keys of a (P, L*2*H_kv*D) table rotated by RoPE position `position` (values kept)."""
+    cfg = model.config
+    P = table.shape[0]
+    kv = table.float().view(P, cfg.n_layer, 2, cfg.n_kv_head, cfg.head_dim).clone()  # (P, L, 2, H_kv, D)
+    cos, sin = rope_cos_sin(torch.full((1, 1), position), cfg.head_dim, cfg.rope_theta)  # (1, 1, 1, D)
+    kv[:, :, 0] = apply_rope(kv[:, :, 0], cos[0], sin[0])  # R_position K
+    return kv.view(P, -1).to(table.dtype)
+
+
+def _check_peft_expressible(model: nn.Module) -> None:
+    cfg = model.config
+    if cfg.positions != "rope" or not cfg.causal:
+        raise ValueError(
+            f"PEFT's prefix tuning cannot express ours on a {cfg.family} model: PEFT passes the prefix as "
+            "a KV cache of P past tokens, so the Hugging Face model puts real token t at position P + t; "
+            f"with learned position embeddings ({cfg.positions}) that is a different input, which no prefix "
+            "can make up for. Only RoPE decoders (llama family) map exactly; save with "
+            "minituner.protocol.save_adapter instead.")
+
+
+def save_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the (folded) prefix as PEFT's `adapter_config.json` + `adapter_model.safetensors`
+    (`prompt_embeddings`), for the Hugging Face model of `checkpoint.save_hf`, atomically."""
+    p = prefix_module(model)
+    if p is None:
+        raise ValueError("the model has no prefix to save; apply_prefix first")
+    _check_peft_expressible(model)
+    cfg = model.config
+    with torch.no_grad():
+        table = _rotate(model, p.prefix().detach().cpu(), p.embedding.shape[0])  # K_peft = R_P K
+    token_dim = cfg.n_kv_head * cfg.head_dim
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+              "num_virtual_tokens": table.shape[0], "token_dim": token_dim, "num_transformer_submodules": 1,
+              "num_attention_heads": cfg.n_kv_head, "num_layers": cfg.n_layer,
+              "encoder_hidden_size": token_dim, "prefix_projection": False, "inference_mode": True}
+    with atomic_directory(directory) as tmp:
+        save_file({"prompt_embeddings": table.contiguous()}, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return Path(directory)
+
+
+def load_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a prefix PEFT saved (`save_pretrained`) into a plain base model (applied folded,
+    prefix_projection=False) or one with a folded prefix of the same length; returns it."""
+    directory = Path(directory)
+    cfg_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        bin_hint = " (adapter_model.bin is a pickle and is never loaded)" if (directory / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"{weights} not found{bin_hint}; save it with save_pretrained(safe_serialization=True)")
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if config.get("peft_type") != "PREFIX_TUNING":
+        raise ValueError(f"{cfg_path} holds peft_type={config.get('peft_type')!r}, not PREFIX_TUNING")
+    _check_peft_expressible(model)
+    mc = model.config
+    want = {"num_layers": mc.n_layer, "num_attention_heads": mc.n_kv_head,
+            "token_dim": mc.n_kv_head * mc.head_dim, "num_transformer_submodules": 1}
+    wrong = {k: (config.get(k), v) for k, v in want.items() if config.get(k) != v}
+    if wrong:
+        raise ValueError(f"{cfg_path} does not fit this model: (saved, model) = {wrong}")
+    table = load_file(str(weights))["prompt_embeddings"]  # (P, L*2*H_kv*D)
+    P = config["num_virtual_tokens"]
+    if tuple(table.shape) != (P, mc.n_layer * 2 * want["token_dim"]):
+        raise ValueError(f"prompt_embeddings has shape {tuple(table.shape)}; expected {(P, mc.n_layer * 2 * want['token_dim'])}")
+    p = prefix_module(model)
+    if p is None:
+        p = apply_prefix(model, PrefixConfig(num_virtual_tokens=P, prefix_projection=False)).prefix
+    if p.transform is not None or p.embedding.shape[0] != P:
+        raise ValueError("the model's prefix is reparametrised or of another length; load onto a plain base model")
+    with torch.no_grad():
+        p.embedding.copy_(_rotate(model, table, -P))  # K = R_{-P} K_peft
+    return model

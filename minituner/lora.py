@@ -24,6 +24,10 @@ A linear layer gains r (in + out) trainable parameters instead of in * out. Beca
 W0's shape, it can be added into W0 after training (`merge_lora`: no extra latency at
 inference, Hu Sec. 4.1) and subtracted again (`unmerge_lora`).
 
+The base may be any module with `in_features` and `out_features` that computes W0 x: an
+`nn.Linear`, or the 4-bit `NF4Linear` of minituner/qlora.py (QLoRA), which declares the dtype
+the branch computes in as `compute_dtype` (`apply_lora(..., types=(NF4Linear,))`).
+
 One `LoRALinear` can hold several named adapters (A, B pairs) on the same frozen base;
 `set_adapter(model, name)` picks the one the forward uses, without reloading the base. Every
 adapter's A and B stay trainable (so `protocol.save_adapter` keeps them all); only the active
@@ -79,12 +83,23 @@ class LoRAConfig:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
+def _branch_dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """A and B live where the base's weight lives, in its dtype; a quantized base (no float
+    weight) names its `compute_dtype`."""
+    w = getattr(base, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        return w.dtype, w.device
+    t = next(iter(base.buffers()), w)
+    device = t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
+    return getattr(base, "compute_dtype", torch.float32), device
+
+
 class LoRALinear(Injected):
     """h = base(x) + (α/r) B A dropout(x) with the active adapter's A, B (Eq. 3)."""
 
     def __init__(self, base: nn.Module, config: LoRAConfig = LoRAConfig()) -> None:
         super().__init__()
-        self.base = base  # the original nn.Linear, frozen, called as it was
+        self.base = base  # the original nn.Linear (or NF4Linear), frozen, called as it was
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A = nn.ParameterDict()  # adapter name -> A (R, in)
         self.lora_B = nn.ParameterDict()  # adapter name -> B (out, R)
@@ -95,14 +110,14 @@ class LoRALinear(Injected):
         self.add_adapter(config)
 
     def add_adapter(self, config: LoRAConfig) -> None:
-        name, w = config.adapter_name, self.base.weight
+        name = config.adapter_name
         if name in self.configs:
             raise ValueError(f"this layer already has an adapter named {name!r}; choose another adapter_name")
-        dtype = w.dtype if w.is_floating_point() else torch.float32
-        A = torch.empty(config.r, self.in_features, device=w.device, dtype=dtype)  # (R, in)
+        dtype, device = _branch_dtype_device(self.base)
+        A = torch.empty(config.r, self.in_features, device=device, dtype=dtype)  # (R, in)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, config.r, device=w.device, dtype=dtype))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, config.r, device=device, dtype=dtype))
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.configs[name] = config
         self.active = name
@@ -131,20 +146,23 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    """Every Linear a LoRA can target: LoRALinear layers and plain Linears (not a LoRA's base)."""
+def _linear_names(model: nn.Module, types: tuple[type, ...] = (nn.Linear,)) -> list[str]:
+    """Every layer a LoRA can target: LoRALinear layers and modules of `types` (not a LoRA's base)."""
     wrapped = {n for n, _ in lora_layers(model)}
     return [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
-            or (isinstance(m, nn.Linear) and n.rpartition(".")[0] not in wrapped)]
+            or (isinstance(m, types) and n.rpartition(".")[0] not in wrapped)]
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Freeze `model` and add adapter `config.adapter_name` to every Linear named by
-    `config.target_modules`; that adapter becomes the active one. Returns the model."""
+def apply_lora(model: nn.Module, config: LoRAConfig, types: tuple[type, ...] = (nn.Linear,)) -> nn.Module:
+    """Freeze `model` and add adapter `config.adapter_name` to every layer of `types` (or
+    LoRALinear) named by `config.target_modules`; that adapter becomes the active one.
+    `types` may name any module with in_features/out_features computing W0 x (QLoRA passes
+    its NF4Linear). Returns the model."""
     if any(m.merged is not None for _, m in lora_layers(model)):
         raise ValueError("an adapter is merged into the weights; call unmerge_lora(model) before apply_lora")
-    allowed = set(_linear_names(model))
-    targets = [(n, m) for n, m in find_modules(model, config.target_modules, types=(nn.Linear, LoRALinear))
+    types = tuple(types)
+    allowed = set(_linear_names(model, types))
+    targets = [(n, m) for n, m in find_modules(model, config.target_modules, types=(*types, LoRALinear))
                if n in allowed]
     if not targets:
         raise ValueError(f"target_modules {config.target_modules!r} match only the base layers inside "
@@ -187,9 +205,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
         owners.setdefault(id(p), []).append(n)
     merged = []
     for n, m in layers:
-        w = m.base.weight
         if not isinstance(m.base, nn.Linear):
-            raise ValueError(f"{n}: LoRA can be merged into an nn.Linear only, not {type(m.base).__name__}")
+            raise ValueError(f"{n}: LoRA can be merged into an nn.Linear only, not {type(m.base).__name__} "
+                             "(a quantized base would need re-quantizing: keep the adapter separate)")
+        w = m.base.weight
         if len(owners[id(w)]) > 1:
             raise ValueError(f"{n}: its weight is shared with {owners[id(w)]}; merging would change them too")
         new = (w.float() + m.delta_weight()).to(w.dtype)  # W0 + (alpha / r) B A, (out, in)

@@ -18,6 +18,14 @@ mismatches come back together in ONE `CheckpointError`. Key mapping:
     BERT   [bert.]encoder.layer.{i}.attention.self.{query,key,value} -> attn.{q,k,v}_proj ...
            pooler.* and cls.* (heads we do not build) are skipped
 
+`save_hf` writes the other way: a Hugging Face directory (GPT2LMHeadModel, LlamaForCausalLM,
+Qwen2ForCausalLM when only q/k/v have biases, or BertModel) that `transformers` loads with no
+missing or unexpected weights, so a model or a LoRA adapter (`lora.save_peft`) trained here
+runs in transformers/PEFT. Its key mapping is the table above read right to left.
+
+Llama's relatives load as the llama family: Mistral (sliding windows cap block_size) and Qwen2
+(qkv_bias=True); Llama's attention_bias and mlp_bias map to bias/qkv_bias and mlp_bias.
+
 Pickle is never read: `.bin`, `.pt`, `.pth`, `.ckpt`, `.pkl` files are refused with the
 command that converts them to safetensors. A missing directory, a malformed config.json and a
 truncated or empty .safetensors file each raise a `CheckpointError` that names the path.

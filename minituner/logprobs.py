@@ -14,11 +14,13 @@ with `input_ids[t]` and -100 marks tokens that are not scored (prompt, padding),
     labels     -100   -100   y_1    y_2     <eos>    the logits at t-1 score the label at t:
     logits     z_0    z_1    z_2    z_3     z_4      z_0 .. z_{T-2} against labels 1 .. T-1
 
-Memory: the one (B, T, V) tensor built here beyond the model's logits is the log-softmax
-(float32, for accuracy under bfloat16), from which the label's entry is gathered. With
-`chunk_size`, the time axis is done `chunk_size` positions at a time, so without gradients
-(a reference model's pass) the peak is (B, chunk_size, V). Under autograd each chunk's
-log-softmax is kept for the backward pass anyway, so chunking helps the reference pass most.
+Memory: the one (B, T-1, V) tensor built here beyond the model's float32 logits is the
+log-softmax, from which the label's entry is gathered (no one-hot, no second copy; the
+shift is a view). bfloat16 logits are upcast to float32 for accuracy, which costs a float32
+copy of what is upcast. With `chunk_size`, the time axis is done `chunk_size` positions at
+a time, so the peak of new tensors is (B, chunk_size, V); without gradients (a reference
+model's pass) that is the whole cost. Under autograd each chunk's log-softmax is kept for
+the backward pass, and the chunks' gradients are written into one (B, T-1, V) (`split`).
 
 `concatenated_logprobs(model, batch)` runs chosen and rejected in ONE forward pass of the
 model on a (2B, T) batch (DPO's trick: one launch of every kernel, weights read once),
@@ -36,7 +38,8 @@ from minituner.data import IGNORE_INDEX
 
 # ---------------------------------------------------------------------------- per token
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """log p(labels[t] | inputs[<t]) for t = 1 .. T-1, as (B, T-1) float32; positions whose label
+    """log p(labels[t] | inputs[<t]) for t = 1 .. T-1, as (B, T-1) float32 (float64 for float64
+    logits); positions whose label
     is IGNORE_INDEX get 0 (their value is meaningless: multiply by a mask before summing).
 
     logits (B, T, V), labels (B, T) aligned with the inputs (HF convention); the shift is here.
@@ -49,14 +52,15 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int |
     targets = labels[:, 1:]  # (B, T-1): the token after position t is scored by z_t
     logits = logits[:, :-1]  # (B, T-1, V) a view: no copy
     targets = targets.masked_fill(targets == IGNORE_INDEX, 0)  # any valid id; masked out by the caller
-    step = chunk_size or max(1, targets.size(1))
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32  # at least float32
+    if targets.size(1) == 0:  # T = 1: nothing to score
+        return logits.new_zeros(targets.shape, dtype=acc)
+    step = chunk_size or targets.size(1)
     out = []
-    for s in range(0, targets.size(1), step):
-        z = logits[:, s:s + step]  # (B, c, V)
-        logp = F.log_softmax(z.float(), dim=-1)  # (B, c, V): the one (B, c, V) tensor made here
-        out.append(logp.gather(-1, targets[:, s:s + step, None]).squeeze(-1))  # (B, c): log p(y_t)
-    if not out:  # T = 1: nothing to score
-        return logits.new_zeros(targets.shape, dtype=torch.float32)
+    # split (not slicing in a loop): its backward writes each chunk's gradient into one (B, T-1, V)
+    for z, y in zip(logits.split(step, dim=1), targets.split(step, dim=1)):  # (B, c, V), (B, c)
+        logp = F.log_softmax(z, dim=-1, dtype=acc)  # (B, c, V): the one (B, c, V) tensor made here
+        out.append(logp.gather(-1, y[..., None]).squeeze(-1))  # (B, c): log p(y_t)
     return torch.cat(out, dim=1)  # (B, T-1)
 
 
@@ -78,7 +82,7 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
 
     logits (B, T, V); labels (B, T) aligned with the inputs, IGNORE_INDEX (-100) where not
     scored; mask (B, T) optional, aligned with the labels, 1 where a token is scored (combined
-    with labels != -100). Returns (B,) float32. A sequence with no scored token gets 0 (sum)
+    with labels != -100). Returns (B,) float32 (float64 for float64 logits). A sequence with no scored token gets 0 (sum)
     or 0 (mean, divided by max(1, 0 tokens)).
     """
     logp = token_logprobs(logits, labels, chunk_size)  # (B, T-1)

@@ -74,9 +74,11 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) numbers of parameters; a tied tensor (GPT-2's lm_head = tok_emb)
-    is counted once."""
+    is counted once. A quantized layer (minituner.qlora.NF4Linear) stores its frozen weight
+    as buffers and says how many weights they stand for in `quantized_numel`; those count."""
     params = list(model.parameters())  # parameters() yields a shared Parameter once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(int(getattr(m, "quantized_numel", 0)) for m in model.modules())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 # ---------------------------------------------------------------------------- the techniques applied
@@ -307,6 +309,8 @@ def memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
     """Training memory in bytes, and per parameter (bytes / number of parameters):
 
         weights     parameters + buffers (a tied or shared storage once)
+                    (quantized weights are buffers: NF4 codes and their scales, counted
+                    here; their number counts in `parameters`)
         gradients   numel x element size of every trainable parameter (what backward
                     allocates, whether or not .grad exists now)
         optimizer   tensors in optimizer.state (0 before the first step or without one)

@@ -84,6 +84,9 @@ class PrefixConfig:
                              "or None for H_kv * D")
 
 
+_ATTN_ARGS = ("x", "mask", "is_causal", "rope", "prefix", "cache", "layer")  # Attention.forward's
+
+
 class Prefix(Injected):
     """P_theta for every layer: `embedding` is P' (P, H_kv*D) with `transform` (the MLP), or
     P_theta (P, L*2*H_kv*D) itself without (PEFT's PrefixEncoder names)."""
@@ -114,8 +117,8 @@ class Prefix(Injected):
         return [(k, v) for k, v in kv]
 
     def inject(self, layer: int, attn: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Forward pre-hook of blocks.{layer}.attn, called as attn(x, mask, is_causal, rope,
-        prefix, cache, layer): prepend (K, V) to `prefix` and P visible columns to `mask`."""
+        """Forward pre-hook of blocks.{layer}.attn (Attention.forward's arguments, by name):
+        put (K, V) in front of `prefix` and P columns every query sees in front of `mask`."""
         if self.disabled or self.embedding.shape[0] == 0:
             return None
         if layer == 0 or self._kv is None:
@@ -123,18 +126,19 @@ class Prefix(Injected):
         pk, pv = self._kv[layer]  # (1, H_kv, P, D) each
         if layer == self.n_layer - 1:
             self._kv = None  # hold no graph between calls
-        x, mask, is_causal, rope, prefix, cache, *rest = args
-        B, T, P = x.shape[0], x.shape[1], pk.shape[2]
+        a = {**dict(zip(_ATTN_ARGS, args)), **kwargs}
+        x, mask, prefix = a["x"], a.get("mask"), a.get("prefix")
+        T, P = x.shape[1], pk.shape[2]
         if prefix is not None:  # the caller's prefix_kv stays, after ours
-            ck, cv = prefix
+            ck, cv = prefix  # (B|1, H_kv, P_c, D) each
             pk = torch.cat((pk.to(ck.dtype).expand(ck.shape[0], -1, -1, -1), ck), dim=2)  # (B|1, H_kv, P+P_c, D)
             pv = torch.cat((pv.to(cv.dtype).expand(cv.shape[0], -1, -1, -1), cv), dim=2)
-        if is_causal:  # only without a mask, cache or prefix: token t sees tokens 0..t
+        if a.get("is_causal"):  # SDPA's own causal mask (no mask, cache or prefix): t sees 0..t
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]  # (1, 1, T, T)
         if mask is not None:  # every query sees every prefix slot: P columns of True in front
             seen = mask.new_ones(*mask.shape[:-1], P)  # (B|1, 1, T, P)
             mask = torch.cat((seen, mask), dim=-1)  # (B|1, 1, T, P + S)
-        return (x, mask, False, rope, (pk, pv), cache, *rest), kwargs
+        return (), {**a, "mask": mask, "is_causal": False, "prefix": (pk, pv)}
 
 
 def prefix_module(model: nn.Module) -> Prefix | None:

@@ -7,15 +7,15 @@ optimizer update needs them, so memory spikes (long sequences, large batches) do
 This pool does the paging explicitly, in PyTorch:
 
     host  (pinned when CUDA is there)        device (at most budget_bytes of pages)
-    +----+----+----+----+----+----+          +----+----+
-    | p0 | p1 | p2 | p3 | p4 | p5 |  --in--> | p2 | p3 |   LRU order, least recent first
-    +----+----+----+----+----+----+  <-out-- +----+----+
+    +----+----+----+----+----+----+          +----+----+----+----+
+    | p0 | p1 | p2 | p3 | p4 | p5 |  --in--> | p0 | p1 | p4 | p5 |   kept | streaming window
+    +----+----+----+----+----+----+  <-out-- +----+----+----+----+
 
 - `allocate(numel)` reserves ceil(numel / page_numel) zero pages on the host; the last one is
   short (only the remaining elements), so small tensors waste nothing. `free(ids)` gives pages
   back: they leave the device without a copy back, and `allocate` reuses their ids.
 - `get(ids)` returns device tensors for the pages, paging in those that are not resident; it first
-  evicts least-recently-used pages (copying them back to the host) until the budget holds them.
+  evicts pages (copying them back to the host) until the budget holds them.
   Pages handed out by the latest `get` are never evicted by the next `prefetch`.
 - `prefetch(ids)` starts the copies of pages that will be needed next, if the budget allows it
   without evicting pages in use. On CUDA copies run on a side stream with non_blocking=True from
@@ -23,6 +23,18 @@ This pool does the paging explicitly, in PyTorch:
 - Without CUDA the same code runs with host == device: page-ins and page-outs are real copies
   between two CPU tensors, and the pool accounts them (`page_ins`, `page_outs`, `resident_bytes`,
   `peak_resident_bytes`) against the budget, so the behaviour is testable on any machine.
+
+Which page to evict: `policy="newest"` (the default) or `"lru"`. An optimizer step sweeps every
+page in the same order, step after step. Under that cyclic sweep LRU always evicts the page that is
+needed again soonest ("sequential flooding"): with a budget of a quarter of the pages, every page
+is paged in on every step. `"newest"` evicts the page paged in most recently (that is not in
+use), so the first pages brought in stay resident across steps and the rest stream through the
+last slots of the budget. With a budget of C pages over a sweep of N pages taken in pairs with the
+next pair prefetched (PagedAdamW), the kept set is C - 4 pages and every step pages in exactly
+
+    N - (C - 4)  pages         (LRU: N; Belady's optimum without prefetch: N - C + 1)
+
+since the current pair and the prefetched pair (4 pages) are the streaming window.
 """
 
 from __future__ import annotations
@@ -32,7 +44,9 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["PagePool"]
+__all__ = ["PagePool", "POLICIES"]
+
+POLICIES = ("newest", "lru")  # evict the page paged in most recently / the least recently used
 
 
 class PagePool:
@@ -44,7 +58,11 @@ class PagePool:
         device: torch.device | str | None = None,
         budget_bytes: int | None = None,
         dtype: torch.dtype = torch.float32,
+        policy: str = "newest",
     ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
         if page_numel < 1:
             raise ValueError(f"page_numel must be >= 1, got {page_numel}")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -59,7 +77,9 @@ class PagePool:
         self._stream = torch.cuda.Stream(self.device) if self._pin else None  # side stream for copies
         self._host: list[torch.Tensor | None] = []  # page id -> host tensor (None: a freed id)
         self._free: list[int] = []  # freed page ids, reused by allocate
-        self._resident: OrderedDict[int, torch.Tensor] = OrderedDict()  # LRU: first = least recent
+        # resident pages in eviction order: "newest" keeps page-in order (last = newest, evicted
+        # first); "lru" moves a page to the end on every use (first = least recent, evicted first)
+        self._resident: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._ready: dict[int, torch.cuda.Event] = {}  # page id -> copy-in finished (CUDA)
         self._in_use: set[int] = set()
         self.resident_bytes = 0
@@ -120,12 +140,18 @@ class PagePool:
         return sum(t.numel() * t.element_size() for t in self._host if t is not None)
 
     # ------------------------------------------------------------------ moving pages
+    def is_resident(self, page_id: int) -> bool:
+        """Whether the page has a device copy now (a `get` of it pages nothing in)."""
+        return page_id in self._resident
+
     def _evict_until(self, need: int, protect: set[int]) -> bool:
-        """Page out LRU pages not in `protect` until `need` more bytes fit; False if impossible."""
+        """Page out pages not in `protect`, in the policy's order, until `need` more bytes fit;
+        False if impossible."""
         if self.budget_bytes is None:
             return True
         while self.resident_bytes + need > self.budget_bytes:
-            victim = next((i for i in self._resident if i not in protect), None)
+            order = reversed(self._resident) if self.policy == "newest" else iter(self._resident)
+            victim = next((i for i in order if i not in protect), None)
             if victim is None:
                 return False
             self._page_out(victim)
@@ -173,7 +199,7 @@ class PagePool:
             self._page_in(i)
 
     def get(self, page_ids: Iterable[int]) -> list[torch.Tensor]:
-        """Device tensors for `page_ids` (paged in if needed), marked most recently used."""
+        """Device tensors for `page_ids` (paged in if needed; under "lru" marked most recently used)."""
         page_ids = list(page_ids)
         need = sum(self.nbytes(i) for i in page_ids)
         if self.budget_bytes is not None and need > self.budget_bytes:
@@ -187,7 +213,8 @@ class PagePool:
             if i not in self._resident:
                 self._evict_until(self.nbytes(i), protect=self._in_use)
                 self._page_in(i)
-            self._resident.move_to_end(i)  # most recently used
+            if self.policy == "lru":
+                self._resident.move_to_end(i)  # most recently used
             event = self._ready.pop(i, None)
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)  # copy-in done first

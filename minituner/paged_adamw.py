@@ -12,17 +12,25 @@ AdamW, per parameter theta with gradient g at step t (Algorithm 2, as torch.opti
 
 m and v cost 8 bytes per parameter, twice a float32 model. Paging keeps them in host memory in
 fixed-size pages and brings to the device only the pages of the slice being updated, at most
-`device_budget_bytes` of them; the update of a parameter walks its pages in order (a loop over
-pages, each page's math one vectorized op) and prefetches the next page pair while the current one
-is computed. With the same hyper-parameters the steps are the same as torch.optim.AdamW's: the same
-float32 operations in the same order, elementwise, on page-sized slices.
+`device_budget_bytes` of them. A step sweeps every parameter's page pairs (m, v) in order; pages
+already resident are updated together, a page pair that is not is fetched while the pages before
+it are updated (the next pair is prefetched), so copies overlap compute. The pool evicts the page it
+paged in most recently (kernels/paging.py says why LRU would page in every page on every step
+here): with a budget of a quarter of the state, about three quarters of the pages move per step.
+
+Two implementations of the same update, on page-sized slices:
+- `fused=False`, the lesson: `_adamw_page` below, one line per term of the equations above.
+- `fused=True` (default), the fast path: torch's fused AdamW kernel (`torch._fused_adamw_`, the op
+  behind `torch.optim.AdamW(fused=True)`) on every page of a batch at once: one pass over memory
+  instead of seven. tests/test_paged_adamw.py checks it against `_adamw_page` and both against
+  torch.optim.AdamW. With the same hyper-parameters the steps are torch.optim.AdamW's.
 
 How this differs from bitsandbytes' paged optimizers, and why. bitsandbytes allocates the states
 with cudaMallocManaged (CUDA unified memory): one pointer valid on host and device, with the driver
 migrating 4 KiB-2 MiB pages on a page fault and evicting them under memory pressure, plus
 cudaMemPrefetchAsync hints. That needs no bookkeeping in Python and reacts to the whole process's
 memory pressure, but it only exists on CUDA (and its page faults stall the kernel that touches
-them). Here the paging is explicit: the pool decides, with a budget in bytes and an LRU policy,
+them). Here the paging is explicit: the pool decides, with a budget in bytes and an eviction policy,
 what is resident, copies pages with ordinary (non_blocking, side-stream) copies, and counts every
 page-in and page-out. It runs unchanged on a CPU (host == device, copies still counted), its
 behaviour is testable and visible, and it teaches what unified memory does behind the scenes;
@@ -41,11 +49,27 @@ from minituner.kernels.paging import PagePool
 __all__ = ["PagedAdamW"]
 
 
+def _adamw_page(theta: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: float,
+                group: dict[str, Any]) -> None:
+    """One AdamW step on one page-sized slice, in place: (N,) theta, gradient g, moments m and v."""
+    beta1, beta2 = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    bias_correction1 = 1 - beta1**t  # 1 - beta1^t
+    bias_correction2_sqrt = (1 - beta2**t) ** 0.5  # sqrt(1 - beta2^t)
+    theta.mul_(1 - lr * wd)  # decoupled weight decay  theta * (1 - lr lambda)
+    m.lerp_(g, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)  # sqrt(v_hat) + eps
+    theta.addcdiv_(m, denom, value=-lr / bias_correction1)  # theta -= lr m_hat / denom
+
+
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) with m and v in a page pool of `device_budget_bytes`.
 
     Extra keyword arguments: `page_numel` (elements per page), `device` (where updates run;
-    default: the first parameter's device). `device_budget_bytes=None` keeps every page resident.
+    default: the first parameter's device), `fused` (False: the readable per-term update),
+    `policy` (the pool's eviction policy, "newest" or "lru"). `device_budget_bytes=None` keeps
+    every page resident. `last_step_page_ins` counts the pages the latest step brought in.
     """
 
     def __init__(
@@ -59,6 +83,8 @@ class PagedAdamW(torch.optim.Optimizer):
         *,
         page_numel: int = 1 << 19,
         device: torch.device | str | None = None,
+        fused: bool = True,
+        policy: str = "newest",
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
@@ -66,7 +92,9 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         first = self.param_groups[0]["params"][0]
-        self.pool = PagePool(page_numel, device or first.device, device_budget_bytes, torch.float32)
+        self.pool = PagePool(page_numel, device or first.device, device_budget_bytes, torch.float32, policy)
+        self.fused = fused
+        self.last_step_page_ins = 0
         if device_budget_bytes is not None and device_budget_bytes < 2 * self.pool.page_bytes:
             pair = 2 * self.pool.page_bytes
             raise ValueError(
@@ -92,40 +120,72 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []  # (p, grad, state, hyper-parameters) for every parameter with a gradient
+        sweep = []  # one (p, group, state, k) per page pair k of every parameter with a gradient
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise TypeError("PagedAdamW does not support sparse gradients")
-                work.append((p, group, self._state(p)))
-        pages = [(s["m_pages"][k], s["v_pages"][k]) for _, _, s in work for k in range(len(s["m_pages"]))]
+                state = self._state(p)
+                state["step"] += 1  # t, a CPU tensor as in torch.optim.AdamW
+                sweep += [(p, group, state, k) for k in range(len(state["m_pages"]))]
+        page_ins = self.pool.page_ins
         at = 0
-        for p, group, state in work:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            state["step"] += 1
-            t = state["step"].item()
-            bias_correction1 = 1 - beta1**t  # 1 - beta1^t
-            bias_correction2_sqrt = (1 - beta2**t) ** 0.5  # sqrt(1 - beta2^t)
-            step_size = lr / bias_correction1
-            theta = p.view(-1)  # (N,) flat view, updated in place
-            grad = p.grad.reshape(-1)
+        while at < len(sweep):
+            batch = self._batch(sweep, at)
+            pages = self.pool.get([i for _, _, s, k in batch for i in (s["m_pages"][k], s["v_pages"][k])])
+            at += len(batch)
+            if at < len(sweep):
+                _, _, s, k = sweep[at]
+                self.pool.prefetch([s["m_pages"][k], s["v_pages"][k]])  # its copies overlap this update
             P = self.pool.page_numel
-            for k in range(len(state["m_pages"])):  # one iteration per page pair
-                m, v = self.pool.get(pages[at])
-                at += 1
-                if at < len(pages):
-                    self.pool.prefetch(pages[at])  # next pair's copies overlap this update
-                th, g = theta[k * P : k * P + m.numel()], grad[k * P : k * P + m.numel()]
-                th.mul_(1 - lr * wd)  # decoupled weight decay  theta * (1 - lr lambda)
-                m.lerp_(g, 1 - beta1)  # m = beta1 m + (1 - beta1) g
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
-                denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)  # sqrt(v_hat) + eps
-                th.addcdiv_(m, denom, value=-step_size)  # theta -= lr m_hat / denom
+            slices = []  # (theta, grad, m, v, state) per page pair: theta and grad are views
+            for (p, group, state, k), m, v in zip(batch, pages[0::2], pages[1::2]):
+                span = slice(k * P, k * P + m.numel())
+                slices.append((p.view(-1)[span], p.grad.reshape(-1)[span], m, v, state))
+            if self.fused:
+                self._fused_update(slices, batch[0][1])
+            else:
+                for theta, grad, m, v, state in slices:
+                    _adamw_page(theta, grad, m, v, state["step"].item(), batch[0][1])
         self.pool.release()
+        self.last_step_page_ins = self.pool.page_ins - page_ins
         return loss
+
+    def _batch(self, sweep: list, at: int) -> list:
+        """The page pair at `at`, then the following pairs of the same group that are resident now,
+        as long as they fit the budget together: updated by one get and (fused) one kernel call."""
+        def pair(j: int) -> tuple[int, int]:
+            _, _, s, k = sweep[j]
+            return s["m_pages"][k], s["v_pages"][k]
+
+        budget = self.pool.budget_bytes
+        size = sum(self.pool.nbytes(i) for i in pair(at))
+        end = at + 1
+        while end < len(sweep) and sweep[end][1] is sweep[at][1] and all(map(self.pool.is_resident, pair(end))):
+            size += sum(self.pool.nbytes(i) for i in pair(end))
+            if budget is not None and size > budget:
+                break
+            end += 1
+        return sweep[at:end]
+
+    def _fused_update(self, slices: list, group: dict[str, Any]) -> None:
+        """The same update as _adamw_page on every slice at once, by torch's fused AdamW kernel."""
+        theta, grad, m, v, states = zip(*slices)
+        steps = [self._step_tensor(s) for s in states]  # already incremented, as the op expects
+        beta1, beta2 = group["betas"]
+        torch._fused_adamw_(list(theta), list(grad), list(m), list(v), [], steps, amsgrad=False,
+                            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                            eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)  # fmt: skip
+
+    def _step_tensor(self, state: dict[str, Any]) -> torch.Tensor:
+        """t where the fused op reads it: the CPU step itself, or a device copy set without a sync."""
+        if self.pool.device.type == "cpu":
+            return state["step"]
+        if "device_step" not in state:
+            state["device_step"] = torch.zeros((), device=self.pool.device)
+        return state["device_step"].fill_(state["step"].item())  # a host scalar: no device sync
 
     # ------------------------------------------------------------------ state_dict in AdamW's format
     def state_dict(self) -> dict[str, Any]:

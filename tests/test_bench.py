@@ -94,19 +94,31 @@ def load_optimizer_speed():
     return module
 
 
-def test_optimizer_speed_rows(capsys):
-    """The paged optimizers take the same steps as torch AdamW on the same parameter (max
-    |dtheta| at float32 rounding); above the state size no page moves after the first step, at a
-    quarter of it pages move every step; AdamW/ours is the faster torch AdamW's (fused or not) time over ours."""
+@pytest.mark.parametrize("tensors", [1, 4])
+def test_optimizer_speed_rows(capsys, tensors):
+    """The paged optimizers take the same steps as torch AdamW on the same parameters (max
+    |dtheta| at float32 rounding); above the state size no page moves after the first step; at a
+    quarter of it LRU pages in every page each step and "newest" fewer; AdamW/ours is the faster
+    torch AdamW's (fused or not) time over ours."""
     speed = load_optimizer_speed()
-    rows = speed.run(size=32, repeats=2, device="cpu")
+    rows = speed.run(size=32, repeats=2, device="cpu", tensors=tensors)
     ms = {r["op"]: r["ms"] for r in rows}
-    paged = [r for r in rows if r["op"].startswith("PagedAdamW")]
-    assert [r["op"] for r in rows][0] == speed.TORCH and len(paged) == 2
-    for r in paged:
+    paged = {r["op"]: r for r in rows if r["op"].startswith("PagedAdamW")}
+    assert [r["op"] for r in rows][0] == speed.TORCH and list(paged) == list(speed.PAGED)
+    for r in paged.values():
         assert r["max |dtheta|"] <= 1e-6
         assert r["AdamW/ours"] == pytest.approx(min(ms[speed.TORCH], ms[speed.FUSED]) / r["ms"], rel=1e-9)
-    assert paged[0]["pages in/step"] == 0 and paged[1]["pages in/step"] > 0
+    resident = [r for name, r in paged.items() if "budget > state" in name]
+    assert all(r["pages in/step"] == 0 for r in resident)
+    lru, newest = paged["PagedAdamW, budget = state/4, lru"], paged["PagedAdamW, budget = state/4, newest"]
+    assert lru["pages in/step"] == lru["pages"] and 0 < newest["pages in/step"] < lru["pages"]
     with pytest.raises(SystemExit):
         speed.main(["--help"])
     assert "(default: 2048)" in capsys.readouterr().out
+
+
+def test_optimizer_speed_cli_rejects_bad_arguments():
+    speed = load_optimizer_speed()
+    for argv in (["--tensors", "0"], ["--size", "8", "--tensors", "5"]):
+        with pytest.raises(SystemExit):
+            speed.main(argv)

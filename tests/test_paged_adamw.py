@@ -1,4 +1,5 @@
-"""Tests for minituner/paged_adamw.py: same steps as torch.optim.AdamW, state_dict, budget."""
+"""Tests for minituner/paged_adamw.py: same steps as torch.optim.AdamW (fused kernel and per-term
+lesson), state_dict, budget, and the page-ins of the eviction policy under the step's sweep."""
 
 import pytest
 import torch
@@ -6,6 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minituner.paged_adamw import PagedAdamW
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def mlp(seed: int = 0) -> torch.nn.Module:
@@ -21,32 +25,121 @@ def groups(model: torch.nn.Module) -> list[dict]:
     ]
 
 
-def train(model, opt, steps, seed=1):
+def train(model, opt, steps, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 3, generator=g)
+        x, y = torch.randn(8, 16, generator=g).to(device), torch.randn(8, 3, generator=g).to(device)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("policy", ["newest", "lru"])
 @pytest.mark.parametrize("budget", [None, 4 * 64 * 2, 10**6])
-def test_same_steps_as_torch_adamw(budget):
+def test_same_steps_as_torch_adamw(budget, policy, fused, device):
     """50 steps, float32, weight decay, two groups: parameters within 1e-6 of torch.optim.AdamW,
-    whether the budget holds every page (10^6 bytes, None) or only one page pair (512 bytes)."""
-    ref, ours = mlp(), mlp()
+    whether the budget holds every page (10^6 bytes, None) or only one page pair (512 bytes),
+    for the fused kernel and the per-term lesson, under both eviction policies."""
+    ref, ours = mlp().to(device), mlp().to(device)
     opt_ref = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
     opt = PagedAdamW(groups(ours), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01,
-                     device_budget_bytes=budget, page_numel=64)
-    train(ref, opt_ref, 50)
-    train(ours, opt, 50)
+                     device_budget_bytes=budget, page_numel=64, fused=fused, policy=policy)
+    train(ref, opt_ref, 50, device=device)
+    train(ours, opt, 50, device=device)
     for p, q in zip(ref.parameters(), ours.parameters()):
         assert (p - q).abs().max().item() <= 1e-6
-    assert any((p - q0).abs().max() > 1e-3 for p, q0 in zip(ours.parameters(), mlp().parameters()))
+    assert any((p.cpu() - q0).abs().max() > 1e-3 for p, q0 in zip(ours.parameters(), mlp().parameters()))
     if budget == 512:
         assert opt.pool.page_outs > 0 and opt.pool.peak_resident_bytes <= 512
     else:
         assert opt.pool.page_outs == 0
+
+
+def sweep_model(pairs: int, page_numel: int) -> torch.nn.Parameter:
+    """One parameter of `pairs` full pages: its m and v make 2 * pairs pages of page_numel floats."""
+    return torch.nn.Parameter(torch.randn(pairs * page_numel, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_newest_policy_keeps_a_resident_set_under_the_sweep(fused):
+    """A quarter of the state as budget: K = 64 page pairs (N = 128 pages of 32 floats), budget
+    C = 32 pages. Derivation, for the policy "newest" (evict the page paged in most recently):
+    step 1 pages in pairs 0, 1, 2, ... (each get prefetches the next pair) until the budget is full
+    at pair c - 1 = 15; prefetching pair 16 then evicts the newest page not in use, pair 14 (15 is
+    being updated, 16 is the prefetch), and from there on the window of two pairs slides while
+    pairs 0 .. 13 stay: after step 1 pairs 0..13 and the last two pairs 62, 63 are resident. Every
+    later step finds 0..13 resident, updates them without a copy, and streams the other
+    K - (c - 2) = 50 pairs through the window (prefetching pair 14 evicts 63, the newest, and so
+    on), ending in the same resident set. Page-ins per step: N - (C - 4) = 128 - 28 = 100, i.e. the
+    three quarters of the state not held (96 pages) plus the 4 pages of the window. Under LRU the
+    same sweep evicts exactly the pages needed next: all 128 pages per step (the old behaviour)."""
+    K, page, C = 64, 32, 32
+    counts = {}
+    for policy in ("newest", "lru"):
+        p = sweep_model(K, page)
+        opt = PagedAdamW([p], lr=1e-2, device_budget_bytes=C * page * 4, page_numel=page,
+                         fused=fused, policy=policy)
+        counts[policy] = []
+        for step in range(4):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+            opt.step()
+            counts[policy].append(opt.last_step_page_ins)
+            assert opt.pool.peak_resident_bytes <= C * page * 4
+        if policy == "newest":
+            m_pages, v_pages = opt.state[p]["m_pages"], opt.state[p]["v_pages"]
+            kept = {i for k in [*range(14), 62, 63] for i in (m_pages[k], v_pages[k])}
+            assert {i for i in kept if opt.pool.is_resident(i)} == kept and opt.pool.resident_bytes == C * page * 4
+    assert counts["newest"] == [128, 100, 100, 100]
+    assert counts["lru"] == [128, 128, 128, 128]
+    assert counts["newest"][-1] <= 3 * 128 // 4 + 4  # the resident quarter (less the window) is not re-paged
+
+
+def test_one_fused_call_per_group_when_every_page_is_resident(monkeypatch):
+    """When the budget holds the whole state, a step after the first updates every page of a group
+    with one call of torch's fused kernel (two groups: two calls), like torch.optim.AdamW(fused=True);
+    the first step, paging pairs in one at a time, calls it once per page pair (640, 120, 40 and 3
+    values in pages of 16: 40 + 8 + 3 + 1 = 52 pairs)."""
+    calls = []
+    fused = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(len(a[0])), fused(*a, **k))[1])
+    model = mlp()
+    opt = PagedAdamW(groups(model), lr=1e-2, page_numel=16)
+    train(model, opt, 1)
+    first = list(calls)
+    calls.clear()
+    train(model, opt, 1)
+    pairs = sum(-(-p.numel() // 16) for p in model.parameters())  # ceil(n / 16) page pairs per tensor
+    assert pairs == 52 and sum(first) == pairs and len(first) == pairs
+    assert len(calls) == 2 and sum(calls) == pairs
+
+
+@settings(max_examples=10, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4), page_numel=st.integers(8, 100),
+       budget_pairs=st.one_of(st.none(), st.integers(1, 6)), seed=st.integers(0, 100))
+def test_fused_kernel_agrees_with_per_term_lesson(sizes, page_numel, budget_pairs, seed):
+    """For any tensor sizes, page size and budget, the fused path and the per-term lesson
+    (_adamw_page) give the same parameters and moments within float32 rounding after 5 steps."""
+    g = torch.Generator().manual_seed(seed)
+    init = [torch.randn(n, generator=g) for n in sizes]
+    budget = None if budget_pairs is None else budget_pairs * 2 * page_numel * 4
+    runs = []
+    for fused in (True, False):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = PagedAdamW(ps, lr=1e-2, weight_decay=0.1, device_budget_bytes=budget, page_numel=page_numel, fused=fused)
+        gg = torch.Generator().manual_seed(seed + 1)
+        for _ in range(5):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gg)
+            opt.step()
+        runs.append((ps, opt.state_dict()["state"]))
+    (a, sa), (b, sb) = runs
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    for i in sa:
+        torch.testing.assert_close(sa[i]["exp_avg"], sb[i]["exp_avg"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
 
 
 def test_first_step_by_hand():
@@ -167,6 +260,8 @@ def test_bad_arguments():
         PagedAdamW([p], device_budget_bytes=100, page_numel=64)
     with pytest.raises(ValueError, match="betas"):
         PagedAdamW([p], betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="policy must be one of"):
+        PagedAdamW([p], policy="fifo")
     q = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     opt = PagedAdamW([q])
     q.grad = torch.ones(3, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""Tests for kernels/paging.py: the page pool's accounting and LRU eviction (host == device here)."""
+"""Tests for kernels/paging.py: the page pool's accounting and its eviction policies (host == device
+here, and on CUDA when there is one)."""
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ def test_allocate_short_last_page():
 def test_lru_eviction_writes_back_and_counts():
     """Budget of two pages: getting a third evicts the least recently used one, whose contents
     come back intact on the next page-in; ins and outs are counted, resident <= budget."""
-    pool = PagePool(page_numel=4, budget_bytes=32)
+    pool = PagePool(page_numel=4, budget_bytes=32, policy="lru")
     a, b, c = (pool.allocate(4)[0] for _ in range(3))
     (pa,) = pool.get([a])
     pa.fill_(1.0)
@@ -77,3 +78,52 @@ def test_free_drops_resident_pages_and_ids_are_reused():
     again = pool.allocate(8)
     assert sorted(again) == sorted(ids[:2]) and pool.num_pages == 3 and pool.total_bytes == 40
     assert torch.equal(pool.get(again)[0], torch.zeros(4))  # a fresh page, not the old contents
+
+
+@pytest.mark.parametrize("pages, budget", [(4, 2), (8, 3), (10, 10), (12, 1)])
+def test_cyclic_sweep_page_ins_per_policy(pages, budget):
+    """A sweep over N pages, one page per get, repeated, with a budget of C pages. "newest" evicts
+    the page paged in most recently: in the first sweep pages 0 .. C-2 stay and one slot streams
+    the rest, so every later sweep pages in N - C + 1 pages (Belady's optimum for a cycle; N = 4,
+    C = 2: 3 pages, page 0 never moves) - and none at all when C >= N. LRU evicts the page needed
+    next: every sweep pages in all N when C < N."""
+    counts = {}
+    for policy in ("newest", "lru"):
+        pool = PagePool(page_numel=4, budget_bytes=budget * 16, policy=policy)
+        ids = pool.allocate(4 * pages)
+        counts[policy] = []
+        for sweep in range(4):
+            before = pool.page_ins
+            for i in ids:
+                pool.get([i])[0].add_(1.0)
+            pool.release()
+            counts[policy].append(pool.page_ins - before)
+            assert pool.peak_resident_bytes <= budget * 16
+        assert all(torch.equal(pool.read(i), torch.full((4,), 4.0)) for i in ids)  # no update lost
+    later = pages - budget + 1 if budget < pages else 0
+    assert counts["newest"] == [pages] + [later] * 3
+    assert counts["lru"] == [pages] + [pages if budget < pages else 0] * 3
+
+
+def test_unknown_policy_is_rejected():
+    with pytest.raises(ValueError, match="policy must be one of"):
+        PagePool(policy="mru")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", ["newest", "lru"])
+def test_cuda_pages_round_trip_through_pinned_memory(policy):
+    """On CUDA, pages live in pinned host memory and move on a side stream: after a sweep that
+    forces page-outs, every page read back holds what the device wrote into it."""
+    pool = PagePool(page_numel=1024, device="cuda", budget_bytes=3 * 4096, policy=policy)
+    ids = pool.allocate(8 * 1024)
+    for sweep in range(3):
+        for k, i in enumerate(ids):
+            (page,) = pool.get([i])
+            page.add_(k + 1)
+            if k + 1 < len(ids):
+                pool.prefetch([ids[k + 1]])
+        pool.release()
+    assert pool.page_outs > 0 and pool.peak_resident_bytes <= 3 * 4096
+    for k, i in enumerate(ids):
+        assert torch.equal(pool.read(i), torch.full((1024,), 3.0 * (k + 1)))

@@ -311,3 +311,23 @@ def test_gpt2_is_refused_because_peft_shifts_positions(tmp_path):
         shifted = model(x, position_ids=torch.arange(3, 3 + x.shape[1])[None])
         torch.testing.assert_close(shifted, theirs, rtol=1e-5, atol=1e-5)
         assert (model(x) - theirs).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------- through the recipe
+@pytest.mark.slow
+def test_the_recipe_trains_the_prefix_and_the_head_only():
+    """finetune.run('prefix') on the base model: what trains is P', the MLP and the head; the
+    base weights come back untouched, and disabling the prefix gives the base's features."""
+    from minituner import finetune
+
+    run = finetune.run("prefix", n_train=48, n_test=16, steps=3, pooling="mean", measure_forgetting=False,
+                       progress=False, config=PrefixConfig(num_virtual_tokens=2))
+    model = run.model
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("prefix.", "head.")) for n in names), names
+    assert run.result.trainable == sum(p.numel() for n, p in model.named_parameters() if n in names)
+    base, _ = finetune.load_base()
+    x = torch.tensor([run.tokenizer.encode("Ada lives in Ashford.", add_bos=True)])
+    with torch.no_grad(), disable_adapters(model):
+        torch.testing.assert_close(model.hidden_states(x, pooling="mean"), base.hidden_states(x, pooling="mean"),
+                                   rtol=0, atol=0)

@@ -38,8 +38,8 @@ which is deterministic, so the result is bit for bit the saved model. `save_quan
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,3 +308,94 @@ def bnb_quant_state(layer: NF4Linear):
                         blocksize=DQ_BLOCKSIZE, dtype=torch.float32)
     return QuantState(absmax=layer.absmax_codes, shape=shape, code=NF4_CODE.to(device), blocksize=layer.blocksize,
                       quant_type="nf4", dtype=layer.compute_dtype, offset=layer.absmax_offset, state2=state2)
+
+
+def _bnb_tensors(layer: NF4Linear, key: str) -> dict[str, torch.Tensor]:
+    """bitsandbytes' Linear4bit serialization of one weight (transformers' save_pretrained names):
+    key (uint8 codes, (ceil(n/2), 1)), key.absmax, key.quant_map, key.nested_absmax,
+    key.nested_quant_map and key.quant_state.bitsandbytes__nf4 (the JSON of the rest, as bytes)."""
+    from minituner.kernels.blockwise import dynamic_code
+    from minituner.kernels.nf4 import NF4_CODE
+
+    info = {"quant_type": "nf4", "blocksize": layer.blocksize,
+            "dtype": str(layer.compute_dtype).removeprefix("torch."),
+            "shape": [layer.out_features, layer.in_features]}
+    out = {key: layer.weight_nf4.view(-1, 1), f"{key}.quant_map": NF4_CODE.clone()}
+    if layer.double_quant:
+        out.update({f"{key}.absmax": layer.absmax_codes, f"{key}.nested_absmax": layer.absmax_c1,
+                    f"{key}.nested_quant_map": dynamic_code(signed=True)})
+        info.update(nested_blocksize=DQ_BLOCKSIZE, nested_dtype="float32",
+                    nested_offset=float(layer.absmax_offset))  # float32 -> float64 -> float32: exact
+    else:
+        out[f"{key}.absmax"] = layer.absmax
+    out[f"{key}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _hf_module(name: str, config) -> str:
+    """Hugging Face's module name for our Linear `name` (checkpoint.save_hf's renaming)."""
+    from minituner.checkpoint import to_hf_state_dict
+
+    if name == "lm_head":
+        return "lm_head"
+    if config.family == "gpt2" and (g := re.fullmatch(r"blocks\.(\d+)\.attn\.[qkv]_proj", name)):
+        return f"transformer.h.{g.group(1)}.attn.c_attn"  # q, k, v are one fused tensor there
+    (key,) = to_hf_state_dict({f"{name}.weight": torch.empty(0, 0, device="meta")}, config)
+    return key.removesuffix(".weight")
+
+
+def save_hf_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a quantized base model as transformers + bitsandbytes write a 4-bit one
+    (`save_pretrained` after `load_in_4bit=True`): checkpoint.save_hf's names and layouts, each
+    quantized weight as bitsandbytes' Linear4bit tensors, and a `quantization_config` in
+    config.json; `AutoModelForCausalLM.from_pretrained(dir)` then gives this model's logits.
+    GPT-2's fused c_attn is q, k, v's rows stacked: their codes and scales concatenate, but one
+    tensor has one double-quantization offset, so its scales are double-quantized again from
+    q, k, v's dequantized ones (a change of at most one 8-bit scale step)."""
+    from minituner import checkpoint
+
+    layers = dict(nf4_layers(model))
+    if not layers:
+        raise ValueError("the model has no NF4Linear layers; quantize it first (quantize_model) "
+                         "or write a float model with minituner.checkpoint.save_hf")
+    config = model.config
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()
+             if k.rpartition(".")[0] not in layers or k.endswith(".bias")}
+    for n, m in layers.items():  # placeholders: save_hf's renaming, no float copy
+        state[f"{n}.weight"] = torch.empty(m.out_features, m.in_features, device="meta")
+    try:
+        hf = checkpoint.to_hf_state_dict(state, config)
+    except (RuntimeError, NotImplementedError):
+        raise ValueError("GPT-2's q_proj, k_proj, v_proj are one c_attn tensor in Hugging Face's layout: "
+                         "quantize all three or none of them (quantize_model's skip)") from None
+    tensors = {k: v for k, v in hf.items() if v.device.type != "meta"}
+    fused: dict[str, list[NF4Linear]] = {}
+    for n, m in layers.items():
+        key = _hf_module(n, config) + ".weight"
+        if config.family == "gpt2" and n.endswith(("q_proj", "k_proj", "v_proj")):
+            fused.setdefault(key, []).append(m)  # c_attn: q, k, v in this order (named_modules order)
+        else:
+            tensors.update(_bnb_tensors(m, key))
+    for key, (q, k, v) in fused.items():  # (3C, C): rows of q, k, v; their blocks never straddle
+        stacked = NF4Linear(q.in_features, 3 * q.out_features, False, q.blocksize, q.double_quant, q.compute_dtype)
+        stacked.weight_nf4 = torch.cat([q.weight_nf4, k.weight_nf4, v.weight_nf4])
+        c2 = torch.cat([q.block_scales(), k.block_scales(), v.block_scales()])
+        if q.double_quant:
+            stacked.absmax_codes, stacked.absmax_c1, stacked.absmax_offset = double_quantize(c2, DQ_BLOCKSIZE)
+        else:
+            stacked.absmax = c2
+        tensors.update(_bnb_tensors(stacked, key))
+    skipped = sorted({_hf_module(n, config) for n, m in model.named_modules() if type(m) is nn.Linear})
+    first = next(iter(layers.values()))
+    hf_cfg = checkpoint.hf_config(config, tokenizer)
+    hf_cfg["dtype"] = "float32"
+    hf_cfg["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": first.double_quant,
+        "bnb_4bit_compute_dtype": str(first.compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": sorted(set(skipped)) or None, "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / checkpoint.WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / checkpoint.CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
+    return Path(directory)

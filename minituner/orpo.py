@@ -49,7 +49,11 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     smallest negative normal float, so the result is finite (about -87 in float32)."""
     x = x if x.dtype == torch.float64 else x.float()
     x = x.clamp(max=-torch.finfo(x.dtype).tiny)  # log(1 - e^0) = -inf otherwise
-    return torch.where(x > -LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    # each branch sees only inputs where it is finite: torch.where's unused branch still gets a
+    # zero gradient, and 0 * inf = NaN (log1p(-exp(x)) at x = -1e-12 is log(0) in float32)
+    near_zero = torch.log(-torch.expm1(x.clamp(min=-LN2)))  # -ln 2 < x < 0
+    far = torch.log1p(-torch.exp(x.clamp(max=-LN2)))  # x <= -ln 2
+    return torch.where(x > -LN2, near_zero, far)
 
 
 def orpo_loss(chosen_logps_mean: torch.Tensor, rejected_logps_mean: torch.Tensor,

@@ -313,7 +313,8 @@ def memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
                     here; their number counts in `parameters`)
         gradients   numel x element size of every trainable parameter (what backward
                     allocates, whether or not .grad exists now)
-        optimizer   tensors in optimizer.state (0 before the first step or without one)
+        optimizer   tensors in optimizer.state, plus a paged optimizer's pages (PagedAdamW:
+                    their host copies); 0 before the first step or without one
         total       weights + gradients + optimizer
 
     plus `parameters` and `trainable` (counts). Activations are not included.
@@ -325,6 +326,9 @@ def memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
     if optimizer is not None:
         opt = _unique_bytes(v for st in optimizer.state.values() for v in st.values()
                             if isinstance(v, torch.Tensor))
+        pool = getattr(optimizer, "pool", None)  # PagedAdamW: m and v live in its page pool
+        if pool is not None:
+            opt += pool.total_bytes
     out = {"parameters": total_params, "trainable": trainable, "weights": weights,
            "gradients": gradients, "optimizer": opt, "total": weights + gradients + opt}
     for k in ("weights", "gradients", "optimizer", "total"):

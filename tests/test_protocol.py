@@ -76,6 +76,20 @@ def test_memory_bytes_by_hand():
     assert (half["weights_per_param"], half["gradients_per_param"], half["optimizer"]) == (2.0, 2.0, 0)
 
 
+def test_memory_bytes_counts_paged_optimizer_pages():
+    """PagedAdamW keeps m and v in its page pool, not in optimizer.state: after one step the
+    optimizer's bytes are at least 2 * 4 bytes per trainable float32 element (m and v), as for
+    torch's AdamW, not the handful of bytes of its step counters."""
+    from minituner.paged_adamw import PagedAdamW
+
+    model = apply_adapters(tiny(), AdapterConfig(reduction_factor=4))
+    opt = PagedAdamW(trainable_parameters(model), lr=1e-3)
+    model(torch.randint(0, V, (2, 5))).sum().backward()
+    opt.step()
+    mem = memory_bytes(model, opt)
+    assert 8 * 592 <= mem["optimizer"] <= 8 * 592 + 4096  # m, v (+ page rounding, step counters)
+
+
 # -- finding and replacing modules -----------------------------------------------------------------
 def test_find_modules_follows_peft_matching():
     model = tiny()

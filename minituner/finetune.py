@@ -41,9 +41,11 @@ from .files import write_text
 from .full import FullConfig, apply_full, discriminative_param_groups, layer_groups, unfreeze_top  # noqa: F401
 from .tokenizer import Tokenizer
 from .train import TrainConfig, evaluate, train
+from .scoring import judge, normalize, win_rate
 from .world import CLASS_NAMES, World
 
-TASKS = ("classify",)
+TASKS = ("classify", "instruct", "prefer")
+LOSSES = ("dpo", "orpo")  # task "prefer"
 
 # Sentences the corpus itself ends its day stories with: the base model scores each class's
 # sentence after the story, zero-shot (no training), for the "before" number.
@@ -120,6 +122,7 @@ class Result:
     config: dict  # the method's config
     train_config: dict
     history: list = field(default_factory=list, repr=False)  # per-step training log
+    extra: dict = field(default_factory=dict)  # the task's other numbers (instruct: seen / held-out)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,7 +133,7 @@ class Result:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Result":
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in known - set(d) if n != "history")
+        missing = sorted(n for n in known - set(d) if n not in ("history", "extra"))
         if missing:
             raise ValueError(f"result is missing fields {missing}")
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -371,18 +374,36 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
         batch_size: int | None = None, seed: int = 0, n_train: int | None = None,
         n_test: int | None = None, pooling: str = "last", data: str | os.PathLike | None = None,
         eval_data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-        measure_forgetting: bool = True, progress: bool = True, **train_kwargs: Any) -> Run:
+        measure_forgetting: bool = True, progress: bool = True, template: str = "alpaca",
+        packing: bool = False, loss: str = "dpo", beta: float = 0.1,
+        start_from: str | os.PathLike | None = None, **train_kwargs: Any) -> Run:
     """Fine-tune the base model with `method` on `task` and measure it; see the module docstring.
 
     `config` is the method's config (default: its defaults); `steps`, `lr` and `batch_size`
-    override the method's recipe defaults; other keyword arguments go to `TrainConfig`.
-    With `out`, the trained tensors (`protocol.save_adapter`) and result.json are written there.
+    override the recipe's defaults (the method's; per task in `TASK_DEFAULTS`); other keyword
+    arguments go to `TrainConfig`. With `out`, the trained tensors (`protocol.save_adapter`)
+    and result.json are written there.
+
+    Task "instruct" (`sft.py`): `template` ("alpaca" | "chat") and `packing`; `data` is an
+    Alpaca or chat-messages JSONL. Task "prefer": `loss` ("dpo" | "orpo") with `beta`;
+    `start_from` is a directory the recipe wrote (`out`) to start from, e.g. an SFT run;
+    `data` is a preference JSONL. See `_run_instruct` and `_run_prefer`.
     """
     start = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    if task != "classify":
+        if method == "head":
+            raise ValueError(f"method 'head' trains a classification head; task {task!r} generates "
+                             "text: choose full, lora, adapters, ...")
+        runner = _run_instruct if task == "instruct" else _run_prefer
+        return runner(method, base=base, config=config, steps=steps, lr=lr, batch_size=batch_size,
+                      seed=seed, n_train=n_train, n_test=n_test, data=data, eval_data=eval_data, out=out,
+                      measure_forgetting=measure_forgetting, progress=progress, template=template,
+                      packing=packing, loss=loss, beta=beta, start_from=start_from, start=start,
+                      train_kwargs=train_kwargs)
     spec = METHODS[method]
     torch.manual_seed(seed)
     model, tok = load_base(base)
@@ -456,6 +477,310 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
     return Run(result, model.eval(), tok)
 
 
+# -- the generative tasks: instruct (SFT) and prefer (DPO / ORPO) -----------------------------------
+# Recipe defaults per (task, method) where they differ from the method's classification ones:
+# generating answers needs more steps than a classification head, and LoRA a higher rate.
+TASK_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("instruct", "full"): {"lr": 5e-4, "steps": 300},
+    ("instruct", "lora"): {"lr": 3e-3, "steps": 300},
+    ("instruct", "adapters"): {"lr": 3e-3, "steps": 300},
+    ("prefer", "full"): {"lr": 1e-5, "steps": 100, "batch_size": 8},
+    ("prefer", "lora"): {"lr": 5e-4, "steps": 100, "batch_size": 8},
+}
+
+
+def _balanced(examples: Sequence[dict], n: int | None) -> list[dict]:
+    """The first n examples taking each family in turn (the world lists them by family)."""
+    if n is None:
+        return list(examples)
+    by: dict[str, list[dict]] = {}
+    for e in examples:
+        by.setdefault(e.get("family", ""), []).append(e)
+    out, k = [], 0
+    while len(out) < min(n, len(examples)):
+        out += [v[k] for v in by.values() if k < len(v)][:n - len(out)]
+        k += 1
+    return out
+
+
+def instruct_data(data: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None, *,
+                  n_train: int | None = None, n_test: int | None = None,
+                  world_seed: int = 0) -> tuple[list[dict], list[dict], World | None]:
+    """(train, test, world): the world's instruction families (test holds the two held-out
+    ones), or an Alpaca / chat-messages JSONL (read by its first line's fields; every fifth
+    example held out unless `eval_data` is given)."""
+    if data is None:
+        world = World(world_seed)
+        return (_balanced(world.instructions("train"), n_train), _balanced(world.instructions("test"), n_test),
+                world)
+    from .data import _lines, read_alpaca, read_chat
+
+    read = lambda p: read_chat(p) if "messages" in _lines(p)[0][1] else read_alpaca(p)  # noqa: E731
+    train_ex = read(data)
+    if eval_data is not None:
+        test_ex = read(eval_data)
+    else:
+        train_ex, test_ex = [e for i, e in enumerate(train_ex) if i % 5], train_ex[::5]
+    return train_ex[:n_train], test_ex[:n_test], None
+
+
+def _task_train_config(task: str, method: str, steps, lr, batch_size, seed, progress, train_kwargs) -> TrainConfig:
+    spec, d = METHODS[method], TASK_DEFAULTS.get((task, method), {})
+    n = steps or d.get("steps", spec.steps)
+    return TrainConfig(max_steps=n, batch_size=batch_size or d.get("batch_size", spec.batch_size),
+                       lr=lr or d.get("lr", spec.lr), warmup_steps=max(1, n // 10), seed=seed,
+                       progress=progress, **train_kwargs)
+
+
+def _apply(method: str, model: nn.Module, config: Any) -> tuple[nn.Module, Any]:
+    spec = METHODS[method]
+    config_cls = spec.config_class()
+    config = config_cls() if config is None else config
+    if not isinstance(config, config_cls):
+        raise TypeError(f"method {method!r} takes a {config_cls.__name__}, got {type(config).__name__}")
+    return spec.apply(model, config), config
+
+
+def _forgetting(model, tok, world, base_measures, disableable: bool) -> dict:
+    now = forgetting_measures(model, tok, world)
+    out = {"perplexity_before": base_measures["perplexity"], "perplexity_after": now["perplexity"],
+           "fact_recall_before": base_measures["fact_recall"], "fact_recall_after": now["fact_recall"]}
+    if disableable:
+        with protocol.disable_adapters(model):
+            off = forgetting_measures(model, tok, world)
+        out.update(perplexity_disabled=off["perplexity"], fact_recall_disabled=off["fact_recall"])
+    return out
+
+
+def _finish(run_: Run, out) -> Run:
+    if out is not None:
+        protocol.save_adapter(run_.model, out)
+        write_text(Path(out) / "result.json", run_.result.to_json())
+    return run_
+
+
+def _run_instruct(method: str, *, base, config, steps, lr, batch_size, seed, n_train, n_test, data,
+                  eval_data, out, measure_forgetting, progress, template, packing, start, train_kwargs,
+                  **_: Any) -> Run:
+    """Instruction tuning (sft.py): L_SFT on the answers of the training instructions; the
+    metric is exact match of greedy answers on the test instructions, before (the base model)
+    and after, overall and in `extra` for the seen and the two held-out families (FLAN's
+    question: does instruction tuning help on instructions never seen in training?)."""
+    from . import sft
+
+    torch.manual_seed(seed)
+    model, tok = load_base(base)
+    train_ex, test_ex, world = instruct_data(data, eval_data, n_train=n_train, n_test=n_test)
+    key = (*_fingerprint(base), "instruct", template, tuple(sft.prompt_of(e, template) for e in test_ex))
+    score = lambda m: sft.exact_match(m, tok, test_ex, template, progress=progress)  # noqa: E731
+    before = dict(_base_measures(key, lambda: score(model)))
+    measure = measure_forgetting and world is not None
+    base_forgetting = _base_measures(key[:3] + ("forgetting",), lambda: forgetting_measures(model, tok, world)) \
+        if measure else None
+
+    model, config = _apply(method, model, config)
+    trainable, total = protocol.count_parameters(model)
+    cfg = _task_train_config("instruct", method, steps, lr, batch_size, seed, progress, train_kwargs)
+    ds = sft.sft_dataset(train_ex, tok, model.config.block_size, template, packing=packing)
+    counter = _CountTokens(sft.sft_loss)
+    t0 = time.perf_counter()
+    model.train()
+    opt = _optimizer(_groups(model, cfg, config), cfg)
+    history = train(model, ds, cfg, loss_fn=counter, optimizer=opt, collate_fn=Collator(tok.pad_id))
+    train_s = time.perf_counter() - t0
+    after = score(model)
+
+    forgetting = _forgetting(model, tok, world, base_forgetting, METHODS[method].disableable) if measure else {}
+    top = Counter(sft.reference_of(e) for e in train_ex).most_common(1)[0][0]
+    majority = sum(normalize(sft.reference_of(e)) == normalize(top) for e in test_ex) / len(test_ex)
+    extra = {"template": template, "packing": packing, "n_rows": len(ds),
+             "seen_before": before["seen"], "seen_after": after["seen"],
+             "held_out_before": before["held_out"], "held_out_after": after["held_out"],
+             "by_family_before": before["by_family"], "by_family_after": after["by_family"],
+             "answers_after": after["answers"][:20]}
+    memory = protocol.memory_bytes(model, opt)
+    result = Result(
+        method=method, task="instruct", metric="exact_match", before=before["exact_match"],
+        after=after["exact_match"], majority=majority, trainable=trainable, total=total,
+        trainable_pct=100.0 * trainable / total, forgetting=forgetting, memory=memory,
+        bytes_per_param=memory["total_per_param"], wall_s=time.perf_counter() - start, train_s=train_s,
+        tokens_per_s=counter.count / max(train_s, 1e-9), steps=cfg.max_steps, n_train=len(train_ex),
+        n_test=len(test_ex), seed=seed, config=_plain(dataclasses.asdict(config)),
+        train_config=_plain(cfg.to_dict()), history=[_plain(h) for h in history], extra=_plain(extra))
+    return _finish(Run(result, model.eval(), tok), out)
+
+
+def prefer_data(data: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None, *,
+                n_train: int | None = None, n_test: int | None = None, template: str = "alpaca",
+                world_seed: int = 0) -> tuple[list[dict], list[dict], World | None]:
+    """(train, test, world): the world's preference pairs (test: held-out prompts and the two
+    held-out families), or a preference JSONL {"prompt", "chosen", "rejected"} (every fifth
+    pair held out unless `eval_data` is given)."""
+    if data is None:
+        world = World(world_seed)
+        return (_balanced(world.preferences("train", template=template), n_train),
+                _balanced(world.preferences("test", template=template), n_test), world)
+    from .data import read_preferences
+
+    train_ex = read_preferences(data)
+    if eval_data is not None:
+        test_ex = read_preferences(eval_data)
+    else:
+        train_ex, test_ex = [e for i, e in enumerate(train_ex) if i % 5], train_ex[::5]
+    return train_ex[:n_train], test_ex[:n_test], None
+
+
+@torch.no_grad()
+def pair_logprobs(model: nn.Module, ds, pad_id: int, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Summed completion log-probs of every pair of a preference data set, and their token
+    counts: {"chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"}, each (N,)."""
+    from .logprobs import concatenated_logprobs
+
+    model.eval()
+    device = next(model.parameters()).device
+    collate, parts = Collator(pad_id), []
+    for s in range(0, len(ds), batch_size):
+        batch = collate([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        parts.append({k: v.float().cpu() for k, v in concatenated_logprobs(model, batch, pad_id=pad_id).items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def reward_accuracy(policy: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None = None) -> float:
+    """Share of pairs whose chosen answer earns the higher reward: DPO's implicit reward
+    r = beta (log pi(y|x) - log pi_ref(y|x)) given a reference (beta > 0 does not change the
+    order), else ORPO's, the length-averaged log pi(y|x) (TRL logs both so). A tie is a loss."""
+    if reference is not None:
+        margin = (policy["chosen_logps"] - reference["chosen_logps"]) - \
+            (policy["rejected_logps"] - reference["rejected_logps"])  # (N,)
+    else:
+        margin = policy["chosen_logps"] / policy["chosen_tokens"].clamp(min=1) - \
+            policy["rejected_logps"] / policy["rejected_tokens"].clamp(min=1)  # (N,)
+    return float((margin > 0).float().mean())
+
+
+def _start_model(method: str, base, start_from) -> tuple[nn.Module, Tokenizer, bool]:
+    """The model preference tuning starts from: the base, or base + a recipe run's saved
+    tensors (`start_from`). Returns (model, tok, continue_training): True when the saved run
+    used `method` itself, whose tensors then keep training (TRL's DPO from an SFT adapter)."""
+    model, tok = load_base(base)
+    if start_from is None:
+        return model, tok, False
+    d = Path(start_from)
+    if not (d / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--from {d}: no adapter_config.json there; pass a directory the recipe "
+                                "wrote with --out (e.g. from --task instruct)")
+    techniques = [t["technique"] for t in json.loads((d / "adapter_config.json").read_text())["techniques"]]
+    model = protocol.load_adapter(model, d)
+    same = techniques == [METHODS[method].technique]
+    if not same and techniques != ["full"]:
+        raise ValueError(f"--from {d} holds a {'+'.join(techniques)} run; preference tuning with "
+                         f"--method {method} can start from a full fine-tuning run or a {method} run")
+    if not same:  # full SFT weights are the new base: freeze them, the method applies on top
+        protocol.freeze(model)
+        model.minituner_techniques = []
+    return model, tok, same
+
+
+def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_train, n_test, data,
+                eval_data, out, measure_forgetting, progress, template, loss, beta, start_from, start,
+                train_kwargs, **_: Any) -> Run:
+    """Preference tuning (dpo.py, orpo.py) from the base or from a saved run (an SFT model).
+
+    DPO's reference is the starting model: the policy's base under `disable_adapters` when a
+    fresh adapter trains on it (no second copy of the weights), log-probs precomputed once for
+    full fine-tuning, and a frozen copy when the starting run's own adapter keeps training.
+    The metric is reward accuracy on the held-out pairs (`reward_accuracy`; "before" is the
+    starting model's for ORPO, and None for DPO, whose rewards all start at 0). `extra` adds
+    the judge's win rate of the tuned model's greedy answers against the starting model's (a
+    tie counts one half), split by the kind of rejected answer (wrong / verbose), the win rate
+    against the rejected answers, and the first step's loss (ln 2 for DPO)."""
+    import copy
+    import functools
+
+    from .data import PreferenceDataset
+    from .dpo import dpo_step_loss, with_reference_logps
+    from .evaluate import complete
+    from .orpo import orpo_step_loss
+
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+    torch.manual_seed(seed)
+    model, tok, keep_training = _start_model(method, base, start_from)
+    train_ex, test_ex, world = prefer_data(data, eval_data, n_train=n_train, n_test=n_test, template=template)
+    T, collate = model.config.block_size, Collator(tok.pad_id)
+    ds_train = PreferenceDataset(train_ex, tok, max_length=T, overflow="drop")
+    ds_test = PreferenceDataset(test_ex, tok, max_length=T)  # every test pair, or an error naming it
+    prompts = [e["prompt"] for e in test_ex]
+
+    # the starting model, measured (it is also DPO's reference)
+    answers_start = complete(model, tok, prompts, progress=progress)
+    start_logps = pair_logprobs(model, ds_test, tok.pad_id)
+    measure = measure_forgetting and world is not None
+    start_forgetting = forgetting_measures(model, tok, world) if measure else None
+
+    reference = None
+    if keep_training:  # the saved run's tensors train on from where they are
+        config = protocol.applied(model)[0]["config"]
+        if any(isinstance(m, protocol.Injected) for m in model.modules()):  # disabling gives the base,
+            reference = protocol.freeze(copy.deepcopy(model)).eval()  # not the start: a frozen copy
+    else:
+        model, config = _apply(method, model, config)
+        config = dataclasses.asdict(config)
+    has_adapters = any(isinstance(m, protocol.Injected) for m in model.modules())
+    train_items = ds_train
+    if loss == "dpo" and reference is None and not has_adapters:  # full: reference log-probs, once
+        train_items = with_reference_logps(model, ds_train, collate, batch_size=16)
+    if loss == "dpo":
+        step_loss = functools.partial(dpo_step_loss, beta=beta, reference=reference, pad_id=tok.pad_id)
+    else:
+        step_loss = functools.partial(orpo_step_loss, beta=beta, pad_id=tok.pad_id)
+    tokens: list[torch.Tensor] = []
+
+    def counted(m: nn.Module, batch: dict):
+        tokens.append(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+        return step_loss(m, batch)
+
+    trainable, total = protocol.count_parameters(model)
+    cfg = _task_train_config("prefer", method, steps, lr, batch_size, seed, progress, train_kwargs)
+    t0 = time.perf_counter()
+    model.train()
+    opt = _optimizer(protocol.trainable_parameters(model), cfg)
+    history = train(model, train_items, cfg, loss_fn=counted, optimizer=opt, collate_fn=collate)
+    train_s = time.perf_counter() - t0
+
+    after_logps = pair_logprobs(model, ds_test, tok.pad_id)
+    after = reward_accuracy(after_logps, start_logps if loss == "dpo" else None)
+    before = None if loss == "dpo" else reward_accuracy(start_logps)
+    answers = complete(model, tok, prompts, progress=progress)
+    refs = [{"chosen": e["chosen"]} for e in test_ex]
+    extra = {"loss": loss, "beta": beta, "start_from": None if start_from is None else str(start_from),
+             "first_loss": history[0]["loss"] if history else None,
+             "win_rate_vs_start": win_rate(answers, refs, against=answers_start),
+             "win_rate_vs_rejected": win_rate(answers, test_ex),
+             "judge_start": sum(judge(a, e["chosen"]) for a, e in zip(answers_start, test_ex)) / len(test_ex),
+             "judge_after": sum(judge(a, e["chosen"]) for a, e in zip(answers, test_ex)) / len(test_ex),
+             "answers_start": answers_start[:20], "answers_after": answers[:20]}
+    for kind in ("wrong", "verbose"):  # which kind of rejected answer the pair taught against
+        idx = [i for i, e in enumerate(test_ex) if e.get("reason", "").startswith(kind)]
+        if idx:
+            extra[f"win_rate_vs_start_{kind}"] = win_rate([answers[i] for i in idx], [refs[i] for i in idx],
+                                                          against=[answers_start[i] for i in idx])
+    forgetting = _forgetting(model, tok, world, start_forgetting, False) if measure else {}
+    if forgetting:  # measured against the starting model, which may be an SFT model
+        forgetting = {k.replace("_before", "_start"): v for k, v in forgetting.items()}
+    memory = protocol.memory_bytes(model, opt)
+    n_tokens = int(torch.stack(tokens).sum()) if tokens else 0
+    result = Result(
+        method=method, task="prefer", metric="reward_accuracy", before=before, after=after, majority=0.5,
+        trainable=trainable, total=total, trainable_pct=100.0 * trainable / total, forgetting=forgetting,
+        memory=memory, bytes_per_param=memory["total_per_param"], wall_s=time.perf_counter() - start,
+        train_s=train_s, tokens_per_s=n_tokens / max(train_s, 1e-9), steps=cfg.max_steps,
+        n_train=len(ds_train), n_test=len(ds_test), seed=seed, config=_plain(config),
+        train_config=_plain(cfg.to_dict()), history=[_plain(h) for h in history], extra=_plain(extra))
+    return _finish(Run(result, model.eval(), tok), out)
+
+
 def finetune(method: str = "adapters", task: str = "classify", **kwargs: Any) -> Result:
     """`run(...)`'s measured `Result` (see `run` for the arguments)."""
     return run(method, task, **kwargs).result
@@ -485,7 +810,9 @@ def add_arguments(parser, number: Callable | None = None) -> None:
     parser.add_argument("--base", default=None, metavar="DIR",
                         help="base model directory (default: the course's base model, as for generate --weights)")
     parser.add_argument("--data", default=None,
-                        help='your own JSONL of {"text": ..., "label": ...} instead of the world\'s task')
+                        help='your own JSONL instead of the world\'s task: classify {"text", "label"}; instruct '
+                             'Alpaca {"instruction", "input", "output"} or chat {"messages"}; prefer '
+                             '{"prompt", "chosen", "rejected"}')
     parser.add_argument("--eval-data", default=None, help="JSONL to evaluate on (default: every 5th line of --data)")
     parser.add_argument("--steps", type=count, default=None, help="optimizer steps (default: the method's)")
     parser.add_argument("--lr", type=rate, default=None, help="peak learning rate (default: the method's)")
@@ -506,6 +833,14 @@ def add_arguments(parser, number: Callable | None = None) -> None:
     parser.add_argument("--lr-decay", type=rate, default=None,
                         help="full: ULMFiT discriminative rates, eta^(l-1) = eta^l / this (2.6)")
     parser.add_argument("--gradual-unfreezing", action="store_true", help="full: ULMFiT gradual unfreezing")
+    parser.add_argument("--template", choices=("alpaca", "chat"), default="alpaca",
+                        help="instruct, prefer: the prompt template")
+    parser.add_argument("--packing", action="store_true",
+                        help="instruct: pack several examples per row (block-diagonal attention)")
+    parser.add_argument("--loss", choices=LOSSES, default="dpo", help="prefer: the preference loss")
+    parser.add_argument("--beta", type=rate, default=0.1, help="prefer: DPO's / ORPO's beta")
+    parser.add_argument("--from", dest="start_from", default=None, metavar="DIR",
+                        help="prefer: start from a run saved with --out (e.g. --task instruct)")
     parser.add_argument("--no-forgetting", action="store_true", help="skip the perplexity/fact-recall measures")
     parser.add_argument("--out", default=None, help="write the trained tensors and result.json here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -540,7 +875,8 @@ def cli(args) -> int:
                       steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       n_train=args.n_train, n_test=args.n_test, pooling=args.pooling, data=args.data,
                       eval_data=args.eval_data, out=args.out, measure_forgetting=not args.no_forgetting,
-                      progress=not args.quiet)
+                      progress=not args.quiet, template=args.template, packing=args.packing,
+                      loss=args.loss, beta=args.beta, start_from=args.start_from)
     print(table([result]))
     if args.out:
         print(f"wrote {Path(args.out) / 'result.json'} and the trained tensors (adapter.safetensors)")

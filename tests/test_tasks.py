@@ -1,0 +1,154 @@
+"""The recipe's generative tasks end to end: `--task instruct` (SFT) and `--task prefer`
+(DPO / ORPO), through the command line, on a tiny base model written to a temporary directory
+(seconds). The slow fidelity tests at the end use the real base model in weights/.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from minituner import checkpoint, finetune
+from minituner.__main__ import main
+from minituner.data import DataError
+from minituner.finetune import Result
+from minituner.model import ModelConfig, Transformer
+from minituner.tokenizer import Tokenizer
+from minituner.world import World
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny GPT-2-family base model and a tokenizer that knows the instruction texts."""
+    d = tmp_path_factory.mktemp("tiny_base")
+    world = World(0)
+    texts = [" ".join((e["instruction"], e["input"], e["output"])) for e in world.instructions("train", 30)]
+    tok = Tokenizer.train(texts + world.corpus("train", n_docs=200), vocab_size=500)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="gpt2", vocab_size=tok.vocab_size, block_size=512,
+                                    n_layer=2, n_head=2, n_embd=32))
+    checkpoint.save(model, d)
+    tok.save(d / "tokenizer.json")
+    return d
+
+
+def _cli(args, capsys) -> str:
+    assert main(["finetune", *map(str, args), "--quiet"]) == 0
+    return capsys.readouterr().out
+
+
+TINY = ["--n-train", 24, "--n-test", 22, "--batch-size", 4, "--no-forgetting"]
+
+
+# -- instruct ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("packing", [False, True])
+def test_cli_instruct_end_to_end(tiny_base, tmp_path, capsys, packing):
+    out = tmp_path / "sft"
+    text = _cli(["--method", "lora", "--task", "instruct", "--base", tiny_base, "--steps", 3, *TINY,
+                 "--out", out] + (["--packing"] if packing else []), capsys)
+    assert "| lora |" in text
+    r = Result.from_json((out / "result.json").read_text())
+    assert (r.task, r.metric, r.steps, r.n_test) == ("instruct", "exact_match", 3, 22)
+    assert 0.0 <= r.before <= 1.0 and 0.0 <= r.after <= 1.0
+    assert r.extra["packing"] is packing
+    for k in ("seen_before", "seen_after", "held_out_before", "held_out_after"):
+        assert 0.0 <= r.extra[k] <= 1.0  # both kinds are in the 22 test examples (2 of each family)
+    assert set(r.extra["by_family_after"]) >= {"comparison", "negation", "arithmetic"}
+    assert Result.from_json(r.to_json()) == r  # the extra dict round-trips too
+    assert (out / "adapter.safetensors").is_file()
+    if packing:
+        assert r.extra["n_rows"] < r.n_train  # several examples per row
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "chat"])
+def test_instruct_reads_alpaca_and_chat_jsonl(tiny_base, tmp_path, fmt):
+    path = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(10)]
+    if fmt == "chat":
+        rows = [{"messages": [{"role": "user", "content": r["instruction"]},
+                              {"role": "assistant", "content": r["output"]}]} for r in rows]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = finetune.finetune("lora", "instruct", base=tiny_base, data=path, steps=2, batch_size=4,
+                          template="chat" if fmt == "chat" else "alpaca", progress=False)
+    assert (r.n_train, r.n_test) == (8, 2)  # every fifth line held out
+    assert r.extra["by_family_after"].keys() == {"data"} and r.extra["held_out_after"] is None  # no held-out family (nan -> null in JSON)
+
+
+def test_bad_jsonl_line_names_file_line_and_field(tiny_base, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "Say hi.", "output": "hi"}\n\n{"instruction": "Say yo."}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: field 'output' is missing"):
+        finetune.finetune("lora", "instruct", base=tiny_base, data=path, steps=1, progress=False)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}\n')
+    with pytest.raises(DataError, match=r"chat\.jsonl:1: field 'messages\[1\]\.role'"):
+        finetune.finetune("lora", "instruct", base=tiny_base, data=chat, steps=1, progress=False)
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text('{"prompt": "Q", "chosen": "a", "rejected": 3}\n')
+    with pytest.raises(DataError, match=r"pref\.jsonl:1: field 'rejected' must be a string"):
+        finetune.finetune("lora", "prefer", base=tiny_base, data=pref, steps=1, progress=False)
+
+
+def test_head_cannot_generate(tiny_base):
+    with pytest.raises(ValueError, match="head"):
+        finetune.finetune("head", "instruct", base=tiny_base, steps=1, progress=False)
+
+
+# -- prefer --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["dpo", "orpo"])
+def test_cli_prefer_end_to_end(tiny_base, tmp_path, capsys, loss):
+    out = tmp_path / loss
+    _cli(["--method", "lora", "--task", "prefer", "--loss", loss, "--beta", 0.2, "--base", tiny_base,
+          "--steps", 2, *TINY, "--out", out], capsys)
+    r = Result.from_json((out / "result.json").read_text())
+    assert (r.task, r.metric, r.steps, r.extra["loss"], r.extra["beta"]) == ("prefer", "reward_accuracy", 2, loss, 0.2)
+    assert 0.0 <= r.after <= 1.0 and 0.0 <= r.extra["win_rate_vs_start"] <= 1.0
+    if loss == "dpo":
+        assert r.before is None  # policy = reference: every reward is 0
+        assert r.extra["first_loss"] == pytest.approx(math.log(2), abs=1e-6)  # Eq. 7 at theta = theta_ref
+    else:
+        assert 0.0 <= r.before <= 1.0
+
+
+def test_prefer_from_an_sft_run(tiny_base, tmp_path):
+    """--from a LoRA SFT run: the SFT adapter keeps training and the reference is the SFT
+    model (a frozen copy), so DPO's first loss is ln 2 again; from a full SFT run a fresh
+    LoRA trains on the SFT weights and disable_adapters gives them back as the reference."""
+    for sft_method in ("lora", "full"):
+        sft_dir = tmp_path / sft_method
+        finetune.finetune(sft_method, "instruct", base=tiny_base, steps=2, n_train=8, n_test=11, batch_size=4,
+                          out=sft_dir, progress=False, measure_forgetting=False)
+        r = finetune.finetune("lora", "prefer", base=tiny_base, start_from=sft_dir, steps=2, n_train=8,
+                              n_test=11, batch_size=4, progress=False, measure_forgetting=False)
+        assert r.extra["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert r.extra["start_from"] == str(sft_dir)
+
+
+def test_prefer_full_uses_precomputed_reference(tiny_base):
+    r = finetune.finetune("full", "prefer", base=tiny_base, steps=2, n_train=8, n_test=11, batch_size=4,
+                          progress=False, measure_forgetting=False)
+    assert r.extra["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_prefer_from_missing_directory_names_the_fix(tiny_base, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--out"):
+        finetune.finetune("lora", "prefer", base=tiny_base, start_from=tmp_path, steps=1, progress=False)
+
+
+def test_reward_accuracy_by_hand():
+    """DPO: margin = (pc - rc) - (pr - rr): pairs (2-0)-(1-0) > 0 wins, (0-1)-(0-0) < 0 loses, a
+    zero margin loses. ORPO: mean log-probs -1/1 > -4/2 wins, -3/1 < -2/1 loses."""
+    pol = {"chosen_logps": torch.tensor([2.0, 0.0, 1.0]), "rejected_logps": torch.tensor([1.0, 0.0, 1.0]),
+           "chosen_tokens": torch.tensor([1.0, 1.0, 1.0]), "rejected_tokens": torch.tensor([1.0, 1.0, 1.0])}
+    ref = {"chosen_logps": torch.tensor([0.0, 1.0, 0.0]), "rejected_logps": torch.tensor([0.0, 0.0, 0.0])}
+    assert finetune.reward_accuracy(pol, ref) == pytest.approx(1 / 3)
+    orpo = {"chosen_logps": torch.tensor([-1.0, -3.0]), "rejected_logps": torch.tensor([-4.0, -2.0]),
+            "chosen_tokens": torch.tensor([1.0, 1.0]), "rejected_tokens": torch.tensor([2.0, 1.0])}
+    assert finetune.reward_accuracy(orpo) == pytest.approx(0.5)
+
+
+def test_balanced_takes_families_in_turn():
+    ex = [{"family": f, "i": i} for f in "abc" for i in range(3)]
+    assert [e["family"] for e in finetune._balanced(ex, 5)] == list("abcab")

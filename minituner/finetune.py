@@ -375,7 +375,7 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
         n_test: int | None = None, pooling: str = "last", data: str | os.PathLike | None = None,
         eval_data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
         measure_forgetting: bool = True, progress: bool = True, template: str = "alpaca",
-        packing: bool = False, loss: str = "dpo", beta: float = 0.1,
+        packing: bool = False, completion_only: bool = True, loss: str = "dpo", beta: float = 0.1,
         start_from: str | os.PathLike | None = None, **train_kwargs: Any) -> Run:
     """Fine-tune the base model with `method` on `task` and measure it; see the module docstring.
 
@@ -384,7 +384,8 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
     arguments go to `TrainConfig`. With `out`, the trained tensors (`protocol.save_adapter`)
     and result.json are written there.
 
-    Task "instruct" (`sft.py`): `template` ("alpaca" | "chat") and `packing`; `data` is an
+    Task "instruct" (`sft.py`): `template` ("alpaca" | "chat"), `packing` and
+    `completion_only` (False: the loss on the prompt too); `data` is an
     Alpaca or chat-messages JSONL. Task "prefer": `loss` ("dpo" | "orpo") with `beta`;
     `start_from` is a directory the recipe wrote (`out`) to start from, e.g. an SFT run;
     `data` is a preference JSONL. See `_run_instruct` and `_run_prefer`.
@@ -402,7 +403,7 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
         return runner(method, base=base, config=config, steps=steps, lr=lr, batch_size=batch_size,
                       seed=seed, n_train=n_train, n_test=n_test, data=data, eval_data=eval_data, out=out,
                       measure_forgetting=measure_forgetting, progress=progress, template=template,
-                      packing=packing, loss=loss, beta=beta, start_from=start_from, start=start,
+                      packing=packing, completion_only=completion_only, loss=loss, beta=beta, start_from=start_from, start=start,
                       train_kwargs=train_kwargs)
     spec = METHODS[method]
     torch.manual_seed(seed)
@@ -560,8 +561,8 @@ def _finish(run_: Run, out) -> Run:
 
 
 def _run_instruct(method: str, *, base, config, steps, lr, batch_size, seed, n_train, n_test, data,
-                  eval_data, out, measure_forgetting, progress, template, packing, start, train_kwargs,
-                  **_: Any) -> Run:
+                  eval_data, out, measure_forgetting, progress, template, packing, completion_only, start,
+                  train_kwargs, **_: Any) -> Run:
     """Instruction tuning (sft.py): L_SFT on the answers of the training instructions; the
     metric is exact match of greedy answers on the test instructions, before (the base model)
     and after, overall and in `extra` for the seen and the two held-out families (FLAN's
@@ -581,7 +582,8 @@ def _run_instruct(method: str, *, base, config, steps, lr, batch_size, seed, n_t
     model, config = _apply(method, model, config)
     trainable, total = protocol.count_parameters(model)
     cfg = _task_train_config("instruct", method, steps, lr, batch_size, seed, progress, train_kwargs)
-    ds = sft.sft_dataset(train_ex, tok, model.config.block_size, template, packing=packing)
+    ds = sft.sft_dataset(train_ex, tok, model.config.block_size, template, packing=packing,
+                         completion_only=completion_only)
     counter = _CountTokens(sft.sft_loss)
     t0 = time.perf_counter()
     model.train()
@@ -593,7 +595,7 @@ def _run_instruct(method: str, *, base, config, steps, lr, batch_size, seed, n_t
     forgetting = _forgetting(model, tok, world, base_forgetting, METHODS[method].disableable) if measure else {}
     top = Counter(sft.reference_of(e) for e in train_ex).most_common(1)[0][0]
     majority = sum(normalize(sft.reference_of(e)) == normalize(top) for e in test_ex) / len(test_ex)
-    extra = {"template": template, "packing": packing, "n_rows": len(ds),
+    extra = {"template": template, "packing": packing, "completion_only": completion_only, "n_rows": len(ds),
              "seen_before": before["seen"], "seen_after": after["seen"],
              "held_out_before": before["held_out"], "held_out_after": after["held_out"],
              "by_family_before": before["by_family"], "by_family_after": after["by_family"],

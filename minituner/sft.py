@@ -138,14 +138,18 @@ class PackedSFTDataset(torch.utils.data.Dataset):
 
 
 def sft_dataset(examples: Sequence[Mapping[str, Any]], tokenizer: TokenizerLike, max_length: int,
-                template: str = "alpaca", packing: bool = False,
+                template: str = "alpaca", packing: bool = False, completion_only: bool = True,
                 system: str | None = DEFAULT_SYSTEM) -> torch.utils.data.Dataset:
     """Instruction or chat examples as a training set: `SFTDataset` (prompt masked; examples
-    longer than `max_length` dropped with a warning), packed into `max_length` rows if asked."""
+    longer than `max_length` dropped with a warning), packed into `max_length` rows if asked.
+    `completion_only=False` puts the loss on the prompt's tokens too (plain language
+    modelling of the whole example, the ablation of masking the prompt)."""
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
     ds = SFTDataset(examples, tokenizer, max_length=max_length, template=template, overflow="drop",
                     system=system)
+    if not completion_only:  # every token after <bos> is a target
+        ds.items = [(x, torch.cat((torch.tensor([IGNORE_INDEX]), x[1:]))) for x, _ in ds.items]
     return PackedSFTDataset(ds, max_length) if packing else ds
 
 

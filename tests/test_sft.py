@@ -191,3 +191,12 @@ def test_too_long_example_is_an_error_naming_the_fix():
 def test_sft_dataset_rejects_unknown_template(tok, examples):
     with pytest.raises(ValueError, match="template"):
         sft.sft_dataset(examples, tok, 128, template="vicuna")
+
+
+def test_completion_only_false_puts_the_loss_on_the_prompt_too(tok, examples):
+    masked = sft.sft_dataset(examples[:2], tok, 256)
+    full = sft.sft_dataset(examples[:2], tok, 256, completion_only=False)
+    for i in range(2):
+        assert (masked[i]["labels"][masked[i]["labels"] != IGNORE_INDEX]
+                == full[i]["labels"][masked[i]["labels"] != IGNORE_INDEX]).all()
+        assert full[i]["labels"][0] == IGNORE_INDEX and (full[i]["labels"][1:] == full[i]["input_ids"][1:]).all()

@@ -206,7 +206,7 @@ def dequantize_4bit(
     """X~ = code[q] * absmax per block, reshaped to `shape`, computed in float32, cast to dtype.
 
     `fast=False` runs the reference lines below; the default computes the same values by
-    looking up two packed bytes at a time, in cache-sized chunks (nf4_fast.py).
+    looking up each packed byte's two codes in a 256-entry table, in cache-sized chunks (nf4_fast.py).
     """
     check_blocksize(blocksize)
     if packed.dtype != torch.uint8:

@@ -16,12 +16,16 @@ Quantize: a lookup keyed by the float's top 22 bits instead of a binary search.
     exactly, by comparing s with the midpoint. The flags are found 8 codes at a time, by reading
     the uint8 codes as int64 words and masking the flag bit of all 8 bytes at once.
 
-Dequantize: whole bytes, two at a time, in cache-sized chunks.
-    Two packed bytes read as one uint16 word index a 65536-entry table of their four float32
-    codes (complex128 is only a 16-byte carrier, so one index_select writes four elements),
-    then one multiply by absmax writes the output. Chunks of 512K elements keep the indices and
-    codes in small reused buffers instead of full-size temporaries, each of which would cost a
-    fresh, page-fault-bound allocation on every call.
+Dequantize: a byte-indexed table that stays in L1, in cache-sized chunks.
+    Each packed byte indexes a 256-entry table of its two float32 codes (complex64 is only an
+    8-byte carrier, so one index_select writes two elements); the 2 KiB table stays in the L1
+    cache, where a 65536-entry table of byte pairs (1 MiB) missed it on random words and was
+    slower despite half the lookups. One multiply by absmax then writes the output: straight into
+    it for float32; for a narrower dtype in place in the float32 chunk, then one converting copy
+    (a multiply that casts to bfloat16 on the fly costs about twice as much). Chunks of 128K
+    elements keep the indices and codes in small reused buffers (512 KiB of codes, in L2) instead
+    of full-size temporaries, each of which would cost a fresh, page-fault-bound allocation on
+    every call.
 
 On a shared 2-core CPU each extra parallel op can wait a scheduler slice for its second thread,
 so both paths keep the number of ops and of fresh large buffers small.
@@ -39,10 +43,10 @@ _KEY_BITS = 22  # a float32's top 22 bits: sign, 8 exponent bits, 13 mantissa bi
 _KEY_SHIFT = 32 - _KEY_BITS
 _AMBIGUOUS = 128  # flag bit in the quantize table: a midpoint lies inside this key's interval
 _FLAG_WORD = int.from_bytes(bytes([_AMBIGUOUS] * 8), "little", signed=True)  # the flag in 8 bytes
-_CHUNK_ELEMENTS = 1 << 19  # dequantize works on 512K elements (2 MiB of float32 codes) at a time
+_CHUNK_ELEMENTS = 1 << 17  # dequantize works on 128K elements (512 KiB of float32 codes) at a time
 
 _quantize_tables: dict[tuple[tuple[float, ...], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-_word_tables: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+_byte_tables: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
 
 
 # ----------------------------------------------------------------------------- lookup tables
@@ -66,22 +70,18 @@ def _quantize_table(code: torch.Tensor, device: torch.device) -> tuple[torch.Ten
     return _quantize_tables[key]
 
 
-def _word_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(65536,) complex128: the four float32 code values held by every pair of packed bytes.
+def _byte_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(256,) complex64: the two float32 code values held by every packed byte.
 
-    Two packed bytes read as one uint16 word w hold four 4-bit codes (high nibble first in each
-    byte). Entry w keeps their four float32 values in element order.
+    A byte b holds two 4-bit codes, the first element in the high nibble: entry b keeps
+    (code[b >> 4], code[b & 15]) in element order.
     """
     key = (tuple(code.tolist()), device)
-    if key not in _word_tables:
+    if key not in _byte_tables:
         b = torch.arange(256)
-        pairs = torch.cartesian_prod(b, b).to(torch.uint8)  # (65536, 2) every (byte 0, byte 1)
-        words = pairs.view(torch.uint16).view(-1).to(torch.int64)  # the word each pair reads as here
-        nibbles = torch.stack([pairs >> 4, pairs & 15], dim=2).view(-1, 4).long()  # (65536, 4) in order
-        table = torch.empty(1 << 16, 4)
-        table[words] = code[nibbles]  # (65536, 4) float32
-        _word_tables[key] = table.view(torch.complex128).view(-1).to(device)
-    return _word_tables[key]
+        table = torch.stack([code[b >> 4], code[b & 15]], dim=1)  # (256, 2) float32, in order
+        _byte_tables[key] = table.view(torch.complex64).view(-1).to(device)
+    return _byte_tables[key]
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -137,27 +137,26 @@ def dequantize_codes(
     packed: torch.Tensor, absmax: torch.Tensor, n: int, code: torch.Tensor, blocksize: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """X~ = Q[q] * N_b as nf4.dequantize_4bit's reference lines: (n,) of dtype, float32 math."""
-    table = _word_table(code, packed.device)  # (65536,) four float32 codes per entry
+    table = _byte_table(code, packed.device)  # (256,) two float32 codes per entry
     flat = packed.reshape(-1)  # (ceil(n/2),) bytes
-    if flat.numel() % 2 or flat.storage_offset() % 2:  # read as whole, aligned 16-bit words
-        flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)])
-    words = flat.view(torch.uint16)  # (W,) two packed bytes per word, W = bytes/2
     absmax = absmax.to(torch.float32)
-    out = torch.empty(4 * words.numel(), dtype=dtype, device=packed.device)  # (>= n,)
+    out = torch.empty(2 * flat.numel(), dtype=dtype, device=packed.device)  # (n or n + 1,)
     chunk = max(_CHUNK_ELEMENTS, blocksize)  # elements, a multiple of blocksize (both powers of 2)
-    idx = torch.empty(min(chunk, out.numel()) // 4, dtype=torch.int32, device=packed.device)
-    codes = torch.empty(idx.numel() * 4, dtype=torch.float32, device=packed.device)
+    idx = torch.empty(min(chunk, out.numel()) // 2, dtype=torch.int32, device=packed.device)
+    codes = torch.empty(idx.numel() * 2, dtype=torch.float32, device=packed.device)
     for start in range(0, out.numel(), chunk):  # a few large chunks, never a loop over blocks
         stop = min(start + chunk, out.numel())
-        i = idx[: (stop - start) // 4]
-        i.copy_(words[start // 4 : stop // 4])  # (chunk/4,) uint16 -> int32 index
+        i = idx[: (stop - start) // 2]
+        i.copy_(flat[start // 2 : stop // 2])  # (chunk/2,) uint8 -> int32 index
         q = codes[: stop - start]  # (chunk,) float32
-        torch.index_select(table, 0, i, out=q.view(torch.complex128))  # Q[q], 4 elements per word
-        o = out[start:stop]
+        torch.index_select(table, 0, i, out=q.view(torch.complex64))  # Q[q], 2 elements per byte
+        o = out[start:stop] if dtype == torch.float32 else q  # float32: write the output directly
         full = max(0, min(stop, n - n % blocksize) - start)  # elements of whole blocks here
         torch.mul(q[:full].view(-1, blocksize), absmax[start // blocksize : (start + full) // blocksize, None],
-                  out=o[:full].view(-1, blocksize))  # X~ = Q[q] * N_b in float32, rounded once to dtype  # fmt: skip
+                  out=o[:full].view(-1, blocksize))  # X~ = Q[q] * N_b in float32  # fmt: skip
         tail = max(0, min(stop, n) - start - full)  # the partial last block, if it is in this chunk
         if tail:
             torch.mul(q[full : full + tail], absmax[-1], out=o[full : full + tail])
+        if o is q:
+            out[start:stop].copy_(q)  # rounded once to dtype
     return out[:n]

@@ -62,7 +62,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from minituner.files import atomic_directory
-from minituner.model import apply_rope, rope_cos_sin
+from minituner.model import KVCache, apply_rope, rope_cos_sin
 from minituner.protocol import Injected, applied, freeze, mark_applied
 
 
@@ -73,6 +73,8 @@ class PrefixConfig:
     num_virtual_tokens: int = 10  # P, prefix slots per layer (0: the model is unchanged)
     prefix_projection: bool = True  # train through P = MLP(P') (Sec. 4); False: P itself
     encoder_hidden_size: int | None = None  # the MLP's hidden width; None -> H_kv * D (PEFT's)
+    init_weights: str | None = None  # None: PEFT's random init; "zero": P_theta starts at 0 (PEFT's too)
+    init_token_ids: tuple[int, ...] | None = None  # P words: P_theta starts as their keys and values
 
     def __post_init__(self) -> None:
         if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
@@ -82,6 +84,13 @@ class PrefixConfig:
                                                      or self.encoder_hidden_size < 1):
             raise ValueError(f"encoder_hidden_size={self.encoder_hidden_size!r}: a positive width, "
                              "or None for H_kv * D")
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights={self.init_weights!r}; use None (random) or 'zero'")
+        if self.init_token_ids is not None and (len(self.init_token_ids) != self.num_virtual_tokens
+                                                or self.prefix_projection or self.init_weights):
+            raise ValueError(f"init_token_ids ({len(self.init_token_ids)} words) sets P_theta itself: it needs "
+                             f"num_virtual_tokens={len(self.init_token_ids)}, prefix_projection=False and "
+                             "init_weights=None")
 
 
 _ATTN_ARGS = ("x", "mask", "is_causal", "rope", "prefix", "cache", "layer")  # Attention.forward's
@@ -103,6 +112,10 @@ class Prefix(Injected):
         else:
             self.embedding = nn.Parameter(torch.randn(P, out))  # P_theta (P, L*2*H_kv*D)
             self.transform = None
+        if config.init_weights == "zero":  # every prefix key and value 0: scores 0, values 0
+            last = self.transform[-1] if self.transform is not None else None
+            for t in (last.weight, last.bias) if last is not None else (self.embedding,):
+                nn.init.zeros_(t)
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # this call's, from layer 0
 
     def prefix(self) -> torch.Tensor:
@@ -155,11 +168,32 @@ def apply_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
     cfg = model.config
     freeze(model)
     ref = next(p for p in model.parameters() if p.is_floating_point())
+    words = word_prefix(model, config.init_token_ids) if config.init_token_ids is not None else None
     model.prefix = Prefix(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, config).to(ref.device, ref.dtype)
+    if words is not None:
+        with torch.no_grad():
+            model.prefix.embedding.copy_(words)
     for i, block in enumerate(model.blocks):  # a bound method in a partial: deepcopy keeps it ours
         block.attn.register_forward_pre_hook(partial(model.prefix.inject, i), with_kwargs=True)
     mark_applied(model, "prefix", config)
     return model
+
+
+@torch.no_grad()
+def word_prefix(model: nn.Module, token_ids) -> torch.Tensor:
+    """P_theta (P, L*2*H_kv*D) made of the keys and values `model` computes for P real words
+    at positions 0..P-1 (Li & Liang Sec. 7: initialising with real words' activations helps).
+    With RoPE the keys are rotated by R_{-P}, and the prefix then acts exactly as those words
+    placed before the input; with learned positions, as those words at other positions."""
+    cfg, P = model.config, len(token_ids)
+    ids = torch.tensor([list(token_ids)], device=next(model.parameters()).device)  # (1, P)
+    cache, was_training = KVCache(P), model.training
+    model.eval()
+    model(ids, kv_cache=cache)
+    model.train(was_training)
+    kv = torch.stack([torch.stack((cache.k[i][0], cache.v[i][0])) for i in range(cfg.n_layer)])  # (L, 2, H_kv, P, D)
+    table = kv.permute(3, 0, 1, 2, 4).reshape(P, -1)  # (P, L*2*H_kv*D)
+    return _rotate(model, table, -P) if cfg.positions == "rope" else table
 
 
 @torch.no_grad()
@@ -185,7 +219,7 @@ def _rotate(model: nn.Module, table: torch.Tensor, position: int) -> torch.Tenso
     cfg = model.config
     P = table.shape[0]
     kv = table.float().view(P, cfg.n_layer, 2, cfg.n_kv_head, cfg.head_dim).clone()  # (P, L, 2, H_kv, D)
-    cos, sin = rope_cos_sin(torch.full((1, 1), position), cfg.head_dim, cfg.rope_theta)  # (1, 1, 1, D)
+    cos, sin = rope_cos_sin(torch.full((1, 1), position, device=table.device), cfg.head_dim, cfg.rope_theta)  # (1, 1, 1, D)
     kv[:, :, 0] = apply_rope(kv[:, :, 0], cos[0], sin[0])  # R_position K
     return kv.view(P, -1).to(table.dtype)
 

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minituner.model import KVCache, ModelConfig, Transformer
-from minituner.prefix import PrefixConfig, _rotate, apply_prefix, fold_prefix, load_peft, save_peft
+from minituner.prefix import PrefixConfig, apply_prefix, fold_prefix, load_peft, save_peft
 from minituner.protocol import (apply_technique, applied, count_parameters, disable_adapters, load_adapter,
                                 save_adapter)
 
@@ -73,27 +73,15 @@ def test_zero_length_prefix_changes_nothing(family):
         assert torch.equal(out(model, x, prefix_kv=theirs), out(base, x, prefix_kv=theirs))
 
 
-def real_word_prefix(base: Transformer, z: torch.Tensor) -> torch.Tensor:
-    """The (P, L*2*H_kv*D) table of the keys and values `base` computes for words z (1, P),
-    keys rotated back by R_{-P} (our prefix slots take no positions)."""
-    cache = KVCache(z.shape[1])
-    with torch.no_grad():
-        base(z, kv_cache=cache)
-    L, P = base.config.n_layer, z.shape[1]
-    kv = torch.stack([torch.stack((cache.k[i][0], cache.v[i][0])) for i in range(L)])  # (L, 2, H_kv, P, D)
-    table = kv.permute(3, 0, 1, 2, 4).reshape(P, -1)  # (P, L*2*H_kv*D): PEFT's order
-    return _rotate(base, table, -P)
-
-
 def test_a_prefix_of_real_words_is_those_words():
     """Li & Liang Sec. 4: h_i = P_theta[i] for prefix slots. Fill P_theta with the activations
     (keys, values) of real words z at positions 0..P-1: then prefixed(x) = base([z; x])[P:],
     because RoPE scores depend on m - n only and R_{-P} moves z's keys to "before 0"."""
     base = tiny("llama")
     z, x = ids(1, 4, seed=1), ids(2, 6, seed=2)
-    model = apply_prefix(copy.deepcopy(base), PrefixConfig(num_virtual_tokens=4, prefix_projection=False))
+    config = PrefixConfig(num_virtual_tokens=4, prefix_projection=False, init_token_ids=tuple(z[0].tolist()))
+    model = apply_prefix(copy.deepcopy(base), config)
     with torch.no_grad():
-        model.prefix.embedding.copy_(real_word_prefix(base, z))
         expected = base(torch.cat((z.expand(2, -1), x), 1))[:, 4:]
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
         assert (model(x) - base(x)).abs().max() > 1e-2  # the prefix matters
@@ -217,6 +205,21 @@ def test_registry_and_deepcopy():
         apply_prefix(model, PrefixConfig())
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         PrefixConfig(num_virtual_tokens=-1)
+    with pytest.raises(ValueError, match="prefix_projection=False"):
+        PrefixConfig(num_virtual_tokens=2, init_token_ids=(1, 2))
+
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_zero_init_starts_at_zero_and_still_learns(projection):
+    """init_weights="zero" (PEFT's): every prefix key and value is 0 at the start, so each
+    prefix slot scores 0 and adds nothing but weight in the softmax; gradients still reach it."""
+    torch.manual_seed(0)
+    model = apply_prefix(tiny("llama"), PrefixConfig(num_virtual_tokens=3, prefix_projection=projection,
+                                                     init_weights="zero"))
+    assert all(k.abs().max() == 0 and v.abs().max() == 0 for k, v in model.prefix.key_values())
+    model(ids()).square().mean().backward()
+    last = model.prefix.transform[-1].weight if projection else model.prefix.embedding
+    assert last.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------- invariants

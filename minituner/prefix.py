@@ -24,6 +24,11 @@ unstable, so it is trained through a small MLP on a smaller matrix P' (P, H_kv *
 
 and once trained only P_theta is kept: `fold_prefix` computes it and drops P' and the MLP.
 
+Initialisation: P' ~ N(0, 1) and PyTorch's Linear init (PEFT's default); `init_weights="zero"`
+starts every prefix key and value at 0 (PEFT's option); `init_token_ids` starts P_theta itself
+as the keys and values the base model computes for P real words (Li & Liang's analysis: real
+words' activations beat random ones), which is exactly those words read before the input.
+
 How the prefix reaches attention (seam 2 of minituner.model)
 ------------------------------------------------------------
 `apply_prefix` puts a `Prefix` module at `model.prefix` and a forward pre-hook on every
@@ -86,6 +91,8 @@ class PrefixConfig:
                              "or None for H_kv * D")
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"init_weights={self.init_weights!r}; use None (random) or 'zero'")
+        if self.init_token_ids is not None:  # a JSON list (load_adapter) or any sequence -> tuple
+            object.__setattr__(self, "init_token_ids", tuple(int(i) for i in self.init_token_ids))
         if self.init_token_ids is not None and (len(self.init_token_ids) != self.num_virtual_tokens
                                                 or self.prefix_projection or self.init_weights):
             raise ValueError(f"init_token_ids ({len(self.init_token_ids)} words) sets P_theta itself: it needs "
@@ -182,7 +189,7 @@ def apply_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
 @torch.no_grad()
 def word_prefix(model: nn.Module, token_ids) -> torch.Tensor:
     """P_theta (P, L*2*H_kv*D) made of the keys and values `model` computes for P real words
-    at positions 0..P-1 (Li & Liang Sec. 7: initialising with real words' activations helps).
+    at positions 0..P-1 (Li & Liang: initialising with real words' activations helps).
     With RoPE the keys are rotated by R_{-P}, and the prefix then acts exactly as those words
     placed before the input; with learned positions, as those words at other positions."""
     cfg, P = model.config, len(token_ids)

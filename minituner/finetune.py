@@ -376,6 +376,7 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
         eval_data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
         measure_forgetting: bool = True, progress: bool = True, template: str = "alpaca",
         packing: bool = False, completion_only: bool = True, loss: str = "dpo", beta: float = 0.1,
+        loss_type: str = "sigmoid", label_smoothing: float = 0.0,
         start_from: str | os.PathLike | None = None, **train_kwargs: Any) -> Run:
     """Fine-tune the base model with `method` on `task` and measure it; see the module docstring.
 
@@ -386,7 +387,8 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
 
     Task "instruct" (`sft.py`): `template` ("alpaca" | "chat"), `packing` and
     `completion_only` (False: the loss on the prompt too); `data` is an
-    Alpaca or chat-messages JSONL. Task "prefer": `loss` ("dpo" | "orpo") with `beta`;
+    Alpaca or chat-messages JSONL. Task "prefer": `loss` ("dpo" | "orpo") with `beta`, DPO's
+    `loss_type` ("sigmoid" | "hinge" | "ipo") and `label_smoothing` (cDPO);
     `start_from` is a directory the recipe wrote (`out`) to start from, e.g. an SFT run;
     `data` is a preference JSONL. See `_run_instruct` and `_run_prefer`.
     """
@@ -403,7 +405,8 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
         return runner(method, base=base, config=config, steps=steps, lr=lr, batch_size=batch_size,
                       seed=seed, n_train=n_train, n_test=n_test, data=data, eval_data=eval_data, out=out,
                       measure_forgetting=measure_forgetting, progress=progress, template=template,
-                      packing=packing, completion_only=completion_only, loss=loss, beta=beta, start_from=start_from, start=start,
+                      packing=packing, completion_only=completion_only, loss=loss, beta=beta,
+                      loss_type=loss_type, label_smoothing=label_smoothing, start_from=start_from, start=start,
                       train_kwargs=train_kwargs)
     spec = METHODS[method]
     torch.manual_seed(seed)
@@ -685,8 +688,8 @@ def _start_model(method: str, base, start_from) -> tuple[nn.Module, Tokenizer, b
 
 
 def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_train, n_test, data,
-                eval_data, out, measure_forgetting, progress, template, loss, beta, start_from, start,
-                train_kwargs, **_: Any) -> Run:
+                eval_data, out, measure_forgetting, progress, template, loss, beta, loss_type, label_smoothing,
+                start_from, start, train_kwargs, **_: Any) -> Run:
     """Preference tuning (dpo.py, orpo.py) from the base or from a saved run (an SFT model).
 
     DPO's reference is the starting model: the policy's base under `disable_adapters` when a
@@ -707,6 +710,9 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
 
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+    if loss != "dpo" and (loss_type != "sigmoid" or label_smoothing):
+        raise ValueError(f"loss_type={loss_type!r} / label_smoothing={label_smoothing} are DPO's; "
+                         f"--loss {loss} has neither")
     torch.manual_seed(seed)
     model, tok, keep_training = _start_model(method, base, start_from)
     train_ex, test_ex, world = prefer_data(data, eval_data, n_train=n_train, n_test=n_test, template=template)
@@ -734,7 +740,8 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     if loss == "dpo" and reference is None and not has_adapters:  # full: reference log-probs, once
         train_items = with_reference_logps(model, ds_train, collate, batch_size=16)
     if loss == "dpo":
-        step_loss = functools.partial(dpo_step_loss, beta=beta, reference=reference, pad_id=tok.pad_id)
+        step_loss = functools.partial(dpo_step_loss, beta=beta, loss_type=loss_type,
+                                      label_smoothing=label_smoothing, reference=reference, pad_id=tok.pad_id)
     else:
         step_loss = functools.partial(orpo_step_loss, beta=beta, pad_id=tok.pad_id)
     tokens: list[torch.Tensor] = []
@@ -756,7 +763,8 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     before = None if loss == "dpo" else reward_accuracy(start_logps)
     answers = complete(model, tok, prompts, progress=progress)
     refs = [{"chosen": e["chosen"]} for e in test_ex]
-    extra = {"loss": loss, "beta": beta, "start_from": None if start_from is None else str(start_from),
+    extra = {"loss": loss, "beta": beta, "loss_type": loss_type if loss == "dpo" else None,
+             "label_smoothing": label_smoothing, "start_from": None if start_from is None else str(start_from),
              "first_loss": history[0]["loss"] if history else None,
              "win_rate_vs_start": win_rate(answers, refs, against=answers_start),
              "win_rate_vs_rejected": win_rate(answers, test_ex),
@@ -841,6 +849,10 @@ def add_arguments(parser, number: Callable | None = None) -> None:
                         help="instruct: pack several examples per row (block-diagonal attention)")
     parser.add_argument("--loss", choices=LOSSES, default="dpo", help="prefer: the preference loss")
     parser.add_argument("--beta", type=rate, default=0.1, help="prefer: DPO's / ORPO's beta")
+    parser.add_argument("--loss-type", choices=("sigmoid", "hinge", "ipo"), default="sigmoid",
+                        help="prefer, dpo: sigmoid (DPO Eq. 7), hinge (SLiC), ipo (IPO, length-averaged)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="prefer, dpo sigmoid: cDPO's assumed fraction of flipped labels, in [0, 0.5)")
     parser.add_argument("--from", dest="start_from", default=None, metavar="DIR",
                         help="prefer: start from a run saved with --out (e.g. --task instruct)")
     parser.add_argument("--no-forgetting", action="store_true", help="skip the perplexity/fact-recall measures")
@@ -878,7 +890,8 @@ def cli(args) -> int:
                       n_train=args.n_train, n_test=args.n_test, pooling=args.pooling, data=args.data,
                       eval_data=args.eval_data, out=args.out, measure_forgetting=not args.no_forgetting,
                       progress=not args.quiet, template=args.template, packing=args.packing,
-                      loss=args.loss, beta=args.beta, start_from=args.start_from)
+                      loss=args.loss, beta=args.beta, loss_type=args.loss_type,
+                      label_smoothing=args.label_smoothing, start_from=args.start_from)
     print(table([result]))
     if args.out:
         print(f"wrote {Path(args.out) / 'result.json'} and the trained tensors (adapter.safetensors)")

@@ -304,3 +304,27 @@ def test_transformers_bitsandbytes_loads_our_4bit_model(family, double_quant, tm
     ours = m.hidden_states(x) if family == "bert" else m(x)
     tol = 2e-2 * float(ours.std()) if family == "gpt2" and double_quant else 1e-5
     torch.testing.assert_close(theirs, ours, rtol=0, atol=tol)
+
+
+# ---------------------------------------------------------------------------- memory
+def test_memory_formula_matches_measurement():
+    """qlora_memory.formula (bytes from Q, O, L alone) against protocol.memory_bytes after one
+    real step of each method on a tiny Llama: equal for full and LoRA (every byte is a formula
+    term; AdamW also keeps one float32 step counter per tensor) and within 1% for QLoRA's weights (partial blocks, c1 and offsets are the constants
+    beside 4.127 bits). The 65B row: QLoRA under the paper's 48 GB, 16-bit full above 780 GB."""
+    from minituner.qlora_memory import LLAMA, counts, formula, measure
+
+    factory = lambda: tiny("llama", n_embd=64, intermediate_size=128)  # noqa: E731
+    c = counts(factory())
+    measured, want = measure(factory), formula(c)
+    steps = {"full": 4 * len(list(factory().parameters())), "lora": 4 * 2 * 2 * 2}  # LoRA: A, B x q, v x 2 layers
+    for method in ("full", "lora"):
+        for k in ("weights", "gradients"):
+            assert measured[method][k] == want[method][k], (method, k)
+        assert measured[method]["optimizer"] == want[method]["optimizer"] + steps[method], method
+    q = measured["qlora"]
+    assert q["gradients"] == want["qlora"]["gradients"] and q["optimizer"] >= want["qlora"]["optimizer"]
+    assert abs(q["weights"] - want["qlora"]["weights"]) <= 0.01 * want["qlora"]["weights"]
+    big = formula(LLAMA[65e9], compute_bytes=2)
+    assert sum(big["qlora"].values()) < 48e9 and 12 * LLAMA[65e9].total > 780e9
+    assert 6.5e9 < LLAMA[7e9].total < 6.8e9  # LLaMA-7B has 6.74B parameters

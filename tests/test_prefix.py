@@ -118,15 +118,19 @@ def test_disabled_is_exactly_the_base(family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_never_changes_real_positions(family, side):
-    model, x = prefixed(family), ids()
-    xp, mask = pad(x, 3, side)
+    """Rows of 5, 4, 3, 2 tokens padded to 5 (0..3 pads, left or right) give, at their real
+    positions, what each row gives alone: logits and pooled hidden states."""
+    model, x = prefixed(family), ids(B=4, T=5)
+    rows = [x[i:i + 1, :5 - i] for i in range(4)]
+    padded = [pad(r, i, side) for i, r in enumerate(rows)]
+    xp, mask = torch.cat([p[0] for p in padded]), torch.cat([p[1] for p in padded])  # (4, 5) each
     real = mask.bool()
     with torch.no_grad():
-        torch.testing.assert_close(out(model, xp, attention_mask=mask)[real], out(model, x).flatten(0, 1),
-                                   rtol=1e-5, atol=1e-5)
+        alone = torch.cat([out(model, r)[0] for r in rows])  # (14, V|C)
+        torch.testing.assert_close(out(model, xp, attention_mask=mask)[real], alone, rtol=1e-5, atol=1e-5)
         for pooling in ("mean", "last", "first"):
-            torch.testing.assert_close(model.hidden_states(xp, mask, pooling=pooling),
-                                       model.hidden_states(x, pooling=pooling), rtol=1e-5, atol=1e-5)
+            alone = torch.cat([model.hidden_states(r, pooling=pooling) for r in rows])  # (4, C)
+            torch.testing.assert_close(model.hidden_states(xp, mask, pooling=pooling), alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -54,6 +54,7 @@ import os
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -171,10 +172,10 @@ def _prompted_backbone(self, *args, **kwargs) -> torch.Tensor:
     return h[:, n:]  # (B, T, C): the real positions only
 
 
-def apply_prompt(model: nn.Module, config: PromptConfig, tokenizer=None) -> nn.Module:
+def apply_prompt(model: nn.Module, config: PromptConfig, tokenizer: Any = None) -> nn.Module:
     """Freeze `model` and prepend a trainable soft prompt of `config.num_virtual_tokens`
-    vectors to every input (see the module docstring). `tokenizer` tokenizes init_text
-    (default: the course base model's). Returns the model."""
+    vectors to every input (see the module docstring). `tokenizer` (anything with
+    `encode(text) -> ids`) tokenizes init_text; default: the course base model's. Returns the model."""
     if hasattr(model, "soft_prompt"):
         raise ValueError("the model already has a soft prompt; build a fresh model to apply another")
     if not hasattr(type(model), "_backbone"):

@@ -6,6 +6,9 @@ column says why.
 """
 
 import importlib.util
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,3 +125,32 @@ def test_optimizer_speed_cli_rejects_bad_arguments():
     for argv in (["--tensors", "0"], ["--size", "8", "--tensors", "5"]):
         with pytest.raises(SystemExit):
             speed.main(argv)
+
+
+# ----------------------------------------------------------------------------- the CUDA check
+CUDA_CHECK = OPTIMIZER_SPEED.parent / "cuda_check.sh"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure without CUDA")
+def test_benchmarks_refuse_cuda_clearly_without_it(capsys):
+    """--device cuda on a machine without CUDA: both benchmarks stop at argument parsing with a
+    one-line error that names the fix, before any work."""
+    for main in (bench.main, load_optimizer_speed().main):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--device", "cuda"])
+        assert exit_.value.code == 2
+        assert "torch.cuda.is_available() is False; use --device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: the script would run the checks")
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_cuda_check_script_parses_and_says_why_it_cannot_run():
+    """benchmarks/cuda_check.sh is valid bash; without CUDA it exits 2 and says so, and with an
+    interpreter lacking torch it says to activate the environment."""
+    assert subprocess.run(["bash", "-n", str(CUDA_CHECK)], capture_output=True).returncode == 0
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(CUDA_CHECK)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "no CUDA device here" in done.stderr
+    env["PYTHON"] = "/bin/false"
+    done = subprocess.run(["bash", str(CUDA_CHECK)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "cannot import torch and minituner" in done.stderr

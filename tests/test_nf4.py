@@ -382,3 +382,20 @@ def test_dequantize_chunks_agree_with_one_pass(monkeypatch, dtype, n, blocksize)
     monkeypatch.setattr(nf4_fast, "_CHUNK_ELEMENTS", 4)  # clamped up to one block per chunk
     chunked = dequantize_nf4(packed, absmax, (n,), blocksize, dtype)
     assert torch.equal(whole, ref) and torch.equal(chunked, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_gives_the_cpu_bytes_and_values(dtype, fast):
+    """The kernels are device-agnostic torch: on CUDA, quantize gives the CPU's bytes and absmax
+    (odd size, a partial last block) and dequantize the CPU's values, on the device."""
+    x = torch.randn(257, 129, generator=torch.Generator().manual_seed(3)).to(dtype)
+    packed, absmax = quantize_nf4(x, fast=fast)
+    cuda_packed, cuda_absmax = quantize_nf4(x.cuda(), fast=fast)
+    assert cuda_packed.is_cuda and torch.equal(cuda_packed.cpu(), packed) and torch.equal(cuda_absmax.cpu(), absmax)
+    y = dequantize_nf4(cuda_packed, cuda_absmax, x.shape, dtype=dtype, fast=fast)
+    assert y.is_cuda and torch.equal(y.cpu(), dequantize_nf4(packed, absmax, x.shape, dtype=dtype))
+    codes, c1, offset = double_quantize(cuda_absmax)
+    ref = double_quantize(absmax)
+    assert torch.equal(codes.cpu(), ref[0]) and torch.allclose(c1.cpu(), ref[1]) and torch.allclose(offset.cpu(), ref[2])

@@ -13,6 +13,11 @@ file adds itself there and nothing else, so no chapter has a training script of 
 Full fine-tuning is a method like the others: `minituner/full.py` (ULMFiT's discriminative
 rates and gradual unfreezing); the recipe runs its stages.
 
+Three tasks: `classify` (the day stories; accuracy), `instruct` (instruction tuning, sft.py:
+exact match of greedy answers, seen and held-out instruction families apart) and `prefer`
+(DPO or ORPO, dpo.py / orpo.py, from the base or from a saved SFT run: reward accuracy on
+held-out pairs and the judge's win rate against the starting model).
+
 Forgetting is measured on what pre-training taught: held-out corpus perplexity and fact
 recall, before and after. With a technique that can be switched off (`disable_adapters`) the
 base model comes back exactly, and the result says so.

@@ -120,8 +120,8 @@ class Prefix(Injected):
             self.embedding = nn.Parameter(torch.randn(P, out))  # P_theta (P, L*2*H_kv*D)
             self.transform = None
         if config.init_weights == "zero":  # every prefix key and value 0: scores 0, values 0
-            last = self.transform[-1] if self.transform is not None else None
-            for t in (last.weight, last.bias) if last is not None else (self.embedding,):
+            zeroed = [self.embedding] if self.transform is None else [self.transform[-1].weight, self.transform[-1].bias]
+            for t in zeroed:
                 nn.init.zeros_(t)
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # this call's, from layer 0
 
@@ -193,6 +193,8 @@ def word_prefix(model: nn.Module, token_ids) -> torch.Tensor:
     With RoPE the keys are rotated by R_{-P}, and the prefix then acts exactly as those words
     placed before the input; with learned positions, as those words at other positions."""
     cfg, P = model.config, len(token_ids)
+    if P == 0:
+        return torch.zeros(0, cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim)
     ids = torch.tensor([list(token_ids)], device=next(model.parameters()).device)  # (1, P)
     cache, was_training = KVCache(P), model.training
     model.eval()

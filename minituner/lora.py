@@ -146,24 +146,30 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def _is_linear(m: nn.Module, types: tuple[type, ...] = (nn.Linear,)) -> bool:
+    """A layer computing W0 x that LoRA can wrap: one of `types`, or a quantized linear layer
+    (it says how many weights it stands for in `quantized_numel`, as qlora.NF4Linear does)."""
+    return isinstance(m, types) or (hasattr(m, "quantized_numel") and hasattr(m, "in_features"))
+
+
 def _linear_names(model: nn.Module, types: tuple[type, ...] = (nn.Linear,)) -> list[str]:
-    """Every layer a LoRA can target: LoRALinear layers and modules of `types` (not a LoRA's base)."""
+    """Every layer a LoRA can target: LoRALinear layers and linear ones (not a LoRA's base)."""
     wrapped = {n for n, _ in lora_layers(model)}
     return [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
-            or (isinstance(m, types) and n.rpartition(".")[0] not in wrapped)]
+            or (_is_linear(m, types) and n.rpartition(".")[0] not in wrapped)]
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig, types: tuple[type, ...] = (nn.Linear,)) -> nn.Module:
-    """Freeze `model` and add adapter `config.adapter_name` to every layer of `types` (or
-    LoRALinear) named by `config.target_modules`; that adapter becomes the active one.
-    `types` may name any module with in_features/out_features computing W0 x (QLoRA passes
-    its NF4Linear). Returns the model."""
+    """Freeze `model` and add adapter `config.adapter_name` to every linear layer (of `types`,
+    a quantized linear such as qlora.NF4Linear, or a LoRALinear) named by `config.target_modules`;
+    that adapter becomes the active one. `types` may name any module with in_features and
+    out_features computing W0 x. Returns the model."""
     if any(m.merged is not None for _, m in lora_layers(model)):
         raise ValueError("an adapter is merged into the weights; call unmerge_lora(model) before apply_lora")
     types = tuple(types)
     allowed = set(_linear_names(model, types))
-    targets = [(n, m) for n, m in find_modules(model, config.target_modules, types=(*types, LoRALinear))
-               if n in allowed]
+    kinds = (*types, *{type(m) for m in model.modules() if _is_linear(m, types)}, LoRALinear)  # + quantized ones
+    targets = [(n, m) for n, m in find_modules(model, config.target_modules, types=kinds) if n in allowed]
     if not targets:
         raise ValueError(f"target_modules {config.target_modules!r} match only the base layers inside "
                          "LoRALinear modules; target the LoRALinear names (e.g. 'q_proj')")

@@ -8,6 +8,8 @@ receive gradients and change in a training step.
 """
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +213,62 @@ def test_adapters_follow_the_base_dtype():
     model = apply_adapters(tiny("gpt2", dtype=torch.bfloat16), AdapterConfig(reduction_factor=4))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model(torch.randint(0, V, (1, 4))).dtype == torch.bfloat16
+
+
+# -- benchmarks/finetune_speed.py: its arithmetic by hand, and each suite end to end on tiny sizes --
+FINETUNE_SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_speed.py"
+
+
+def load_finetune_speed():
+    spec = importlib.util.spec_from_file_location("finetune_speed", FINETUNE_SPEED)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_speed_ratios_by_hand():
+    """Rates are work / median seconds; 'x' divides the medians' rates, 'paired' takes the
+    median of the per-round ratios. full: 100 tokens in 2, 4, 3 s -> median 3 s, 33.3/s;
+    adapters: 100 tokens in 1, 4, 2 s -> median 2 s, 50/s, x 1.5; per round 2, 1, 1.5 ->
+    paired 1.5. head: 600 tokens in 3, 3, 3 s -> 200/s, x 6, per round 4, 8, 6 -> paired 6."""
+    fs = load_finetune_speed()
+    r = fs.ratios({"full": 100, "adapters": 100, "head": 600},
+                  {"full": [2.0, 4.0, 3.0], "adapters": [1.0, 4.0, 2.0], "head": [3.0, 3.0, 3.0]}, "full")
+    assert r["full"] == pytest.approx((100 / 3, 1.0, 1.0))
+    assert r["adapters"] == pytest.approx((50.0, 1.5, 1.5))
+    assert r["head"] == pytest.approx((200.0, 6.0, 6.0))
+
+
+TINY_RUN = ["--rounds", "1", "--warmup", "0", "--batch-size", "2"]
+
+
+def test_finetune_speed_methods_suite_reports_every_method(capsys):
+    """One round of every method of the recipe on the real base model, with a 2-example batch."""
+    load_finetune_speed().main(["--suite", "methods", "--extract-batches", "1", *TINY_RUN])
+    out = capsys.readouterr().out
+    table = out[out.index("training tokens/s x full fine-tuning"):].splitlines()[3:]  # after the header
+    rows = {line.split()[0]: line.split() for line in table if line.strip() and not line.startswith("ratio")}
+    assert set(rows) == {"full", "adapters", "lora", "prefix", "prompt", "head"}, out
+    assert rows["full"][1:2] == ["100.00"] and rows["full"][4:6] == ["1.00x", "1.00x"], out
+    assert rows["adapters"][-1] == "1.5x" and rows["head"][-1] == "20x", out
+
+
+@pytest.mark.slow
+def test_finetune_speed_peft_sft_and_dpo_suites_run(capsys):
+    """LoRA ours vs transformers + PEFT (GPT-2 base and a same-size Llama), merged inference,
+    SFT packing and DPO vs TRL's DPOTrainer, one round each on tiny batches."""
+    for name in ("transformers", "peft", "trl", "datasets"):
+        pytest.importorskip(name)
+    load_finetune_speed().main(["--suite", "peft", "sft", "dpo", "--sft-examples", "8", *TINY_RUN])
+    out = capsys.readouterr().out
+    for what in ("lora train: ours / transformers+peft", "inference: merged LoRA / base", "gpt2 (weights/base)",
+                 "llama (same size)", "packed", "padded", "DPO training steps/s"):
+        assert what in out, out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure without CUDA")
+def test_finetune_speed_refuses_cuda_clearly_without_it(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_finetune_speed().main(["--device", "cuda"])
+    assert exit_.value.code == 2
+    assert "--device cuda: torch sees no CUDA device; use --device cpu" in capsys.readouterr().err

@@ -272,9 +272,10 @@ def _held_out_blocks(world: World, tok: Tokenizer, block_size: int, n_docs: int 
     return PackedLMDataset(pack_documents(world.corpus("val")[:n_docs], tok), block_size)
 
 
-def forgetting_measures(model: nn.Module, tok: Tokenizer, world: World) -> dict:
-    """What pre-training taught, measured: held-out corpus perplexity and fact recall."""
-    held = evaluate(model, _held_out_blocks(world, tok, model.config.block_size), batch_size=16)
+def forgetting_measures(model: nn.Module, tok: Tokenizer, world: World, block_size: int | None = None) -> dict:
+    """What pre-training taught, measured: held-out corpus perplexity (on blocks of `block_size`
+    tokens, default the model's context) and fact recall."""
+    held = evaluate(model, _held_out_blocks(world, tok, block_size or model.config.block_size), batch_size=16)
     return {"perplexity": held["perplexity"], "fact_recall": fact_recall(model, tok, world)["mean"]}
 
 
@@ -437,8 +438,11 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
         before_zero_shot = _base_measures(key + ("zero_shot",), lambda: {"acc": zero_shot_accuracy(
             model, tok, task_data.test, verbalizers)})["acc"]
     measure = measure_forgetting and causal and world is not None
-    base_forgetting = _base_measures(key + ("forgetting",), lambda: forgetting_measures(model, tok, world)) \
-        if measure else None
+    # a soft prompt's virtual tokens take positions too: every perplexity of this run (before,
+    # after, disabled) reads blocks that leave room for them, so the three stay comparable
+    room = model.config.block_size - (config.num_virtual_tokens if spec.technique == "prompt" else 0)
+    base_forgetting = _base_measures(key + ("forgetting", room), lambda: forgetting_measures(
+        model, tok, world, room)) if measure else None
 
     # the method
     if method == "head":
@@ -464,12 +468,12 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
 
     forgetting: dict = {}
     if measure:
-        now = forgetting_measures(model, tok, world)
+        now = forgetting_measures(model, tok, world, room)
         forgetting = {"perplexity_before": base_forgetting["perplexity"], "perplexity_after": now["perplexity"],
                       "fact_recall_before": base_forgetting["fact_recall"], "fact_recall_after": now["fact_recall"]}
         if spec.disableable:
             with protocol.disable_adapters(model):
-                off = forgetting_measures(model, tok, world)
+                off = forgetting_measures(model, tok, world, room)
             forgetting.update(perplexity_disabled=off["perplexity"], fact_recall_disabled=off["fact_recall"])
     memory = protocol.memory_bytes(model, opt)
     result = Result(

@@ -132,6 +132,18 @@ def test_adapters_disabled_give_back_the_base_measures(tiny_base):
     assert r.before is not None and 0 <= r.before <= 1
 
 
+def test_prompt_tuning_measures_forgetting_with_room_for_its_virtual_tokens(tiny_base):
+    """A soft prompt's n virtual tokens take positions, so held-out blocks of the full context
+    (256) no longer fit; every perplexity of the run reads blocks of 256 - n tokens, so disabled
+    equals before exactly."""
+    from minituner.prompt import PromptConfig
+
+    r = finetune.finetune("prompt", base=tiny_base, config=PromptConfig(num_virtual_tokens=5), steps=2,
+                          n_train=48, n_test=24, batch_size=8, progress=False)
+    f = r.forgetting
+    assert f["perplexity_disabled"] == f["perplexity_before"] and math.isfinite(f["perplexity_after"])
+
+
 def test_saved_adapter_reloads_onto_a_fresh_base(tiny_base, tmp_path):
     out = finetune.run("adapters", base=tiny_base, steps=3, out=tmp_path / "run", **FAST)
     assert Result.from_json((tmp_path / "run" / "result.json").read_text()) == out.result

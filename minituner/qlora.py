@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from minituner.files import atomic_directory
+from minituner.kernels.blockwise import check_blocksize
 from minituner.kernels.nf4 import dequantize_nf4, double_dequantize, double_quantize, quantize_nf4
 from minituner.lora import LoRAConfig, apply_lora
 from minituner.protocol import _matches, find_modules, mark_applied, replace_module
@@ -183,9 +184,6 @@ def quantize_model(model: nn.Module, skip: str | tuple[str, ...] = ("lm_head",),
     for n, m in targets:
         replace_module(model, n, NF4Linear.from_linear(m, blocksize, double_quant, compute_dtype))
         m.weight = None  # the float weight goes once nothing else holds the old module
-    model.minituner_quantization = {"blocksize": blocksize, "double_quant": double_quant,
-                                    "compute_dtype": str(_compute_dtype(compute_dtype)).removeprefix("torch."),
-                                    "skip": list(skip), "modules": [n for n, _ in targets]}
     return model
 
 
@@ -210,7 +208,9 @@ class QLoRAConfig:
         if not isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))  # lists from JSON
         object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
-        _compute_dtype(self.compute_dtype)
+        dtype = str(_compute_dtype(self.compute_dtype)).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16"
+        object.__setattr__(self, "compute_dtype", dtype)  # a string: the config saves as JSON
+        check_blocksize(self.blocksize)
         self.lora_config()  # LoRAConfig checks r, alpha, dropout
 
     def lora_config(self) -> LoRAConfig:

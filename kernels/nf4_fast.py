@@ -23,9 +23,10 @@ Dequantize: a byte-indexed table that stays in L1, in cache-sized chunks.
     slower despite half the lookups. One multiply by absmax then writes the output: straight into
     it for float32; for a narrower dtype in place in the float32 chunk, then one converting copy
     (a multiply that casts to bfloat16 on the fly costs about twice as much). Chunks of 128K
-    elements keep the indices and codes in small reused buffers (512 KiB of codes, in L2) instead
-    of full-size temporaries, each of which would cost a fresh, page-fault-bound allocation on
-    every call.
+    elements per thread keep the indices and codes in small reused buffers (512 KiB of codes per
+    core, in L2) instead of full-size temporaries, each of which would cost a fresh,
+    page-fault-bound allocation on every call. A CUDA device takes the whole tensor as one chunk
+    (its caching allocator reuses memory, and every extra launch costs microseconds).
 
 On a shared 2-core CPU each extra parallel op can wait a scheduler slice for its second thread,
 so both paths keep the number of ops and of fresh large buffers small.
@@ -141,7 +142,10 @@ def dequantize_codes(
     flat = packed.reshape(-1)  # (ceil(n/2),) bytes
     absmax = absmax.to(torch.float32)
     out = torch.empty(2 * flat.numel(), dtype=dtype, device=packed.device)  # (n or n + 1,)
-    chunk = max(_CHUNK_ELEMENTS, blocksize)  # elements, a multiple of blocksize (both powers of 2)
+    if packed.device.type == "cpu":  # each thread's share of a chunk stays in its core's cache
+        chunk = blocksize * max(1, _CHUNK_ELEMENTS * torch.get_num_threads() // blocksize)
+    else:  # CUDA: one pass; its caching allocator reuses memory and every launch costs microseconds
+        chunk = out.numel()
     idx = torch.empty(min(chunk, out.numel()) // 2, dtype=torch.int32, device=packed.device)
     codes = torch.empty(idx.numel() * 2, dtype=torch.float32, device=packed.device)
     for start in range(0, out.numel(), chunk):  # a few large chunks, never a loop over blocks

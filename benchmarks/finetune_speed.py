@@ -50,22 +50,21 @@ import copy
 import functools
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minituner import checkpoint, finetune, heads, protocol, train  # noqa: E402
-from minituner.adapters import AdapterConfig  # noqa: E402
-from minituner.data import IGNORE_INDEX, Collator  # noqa: E402
-from minituner.lora import LoRAConfig, apply_lora, merge_lora  # noqa: E402
-from minituner.model import Transformer  # noqa: E402
-from minituner.world import CLASS_NAMES, World  # noqa: E402
+# minituner is installed (pip install -e .); the checkout is NOT put on sys.path, because its
+# top-level kernels/ would shadow Hugging Face's `kernels` package that bitsandbytes imports
+from minituner import checkpoint, finetune, heads, protocol, train
+from minituner.adapters import AdapterConfig
+from minituner.data import IGNORE_INDEX, Collator
+from minituner.lora import LoRAConfig, apply_lora, merge_lora
+from minituner.model import Transformer
+from minituner.world import CLASS_NAMES, World
 
 SUITES = ("methods", "peft", "sft", "dpo")
 TARGETS = {"adapters": 1.5, "head": 20.0, "lora train": 1.2, "merged": 0.98, "dpo": 1.5}

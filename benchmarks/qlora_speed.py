@@ -21,21 +21,20 @@ Numbers are as measured on this machine; nothing is asserted.
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minituner import finetune, heads, protocol  # noqa: E402
-from minituner.data import Collator  # noqa: E402
-from minituner.kernels.bench import bench_parser, format_table, interleaved_ms, parse_bench_args  # noqa: E402
-from minituner.lora import LoRAConfig, LoRALinear  # noqa: E402
-from minituner.qlora import NF4Linear, QLoRAConfig  # noqa: E402
-from minituner.world import CLASS_NAMES, World  # noqa: E402
+# minituner is installed; the checkout is not put on sys.path (its kernels/ would shadow Hugging
+# Face's `kernels` package, and bitsandbytes would lose its CPU 4-bit kernel)
+from minituner import finetune, heads, protocol
+from minituner.data import Collator
+from minituner.kernels.bench import bench_parser, format_table, interleaved_ms, parse_bench_args
+from minituner.lora import LoRAConfig, LoRALinear
+from minituner.qlora import NF4Linear, QLoRAConfig
+from minituner.world import CLASS_NAMES, World
 
 
 def fwd_bwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:

@@ -152,3 +152,51 @@ def test_reward_accuracy_by_hand():
 def test_balanced_takes_families_in_turn():
     ex = [{"family": f, "i": i} for f in "abc" for i in range(3)]
     assert [e["family"] for e in finetune._balanced(ex, 5)] == list("abcab")
+
+
+# -- fidelity on the real base model (slow) ------------------------------------------------------
+SFT_RUN = dict(n_train=1800, n_test=220, steps=300, batch_size=8, packing=True, lr=1e-3, progress=False,
+               measure_forgetting=False)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """Full instruction tuning of the base model in weights/, saved for the preference tests."""
+    out = tmp_path_factory.mktemp("sft")
+    return finetune.finetune("full", "instruct", out=out, **SFT_RUN), out
+
+
+@pytest.mark.slow
+def test_sft_raises_exact_match_on_seen_families(sft_run):
+    """Wei 2022: instruction tuning teaches the model to answer. Target (issue 11): exact match
+    on the 9 seen families rises by at least 0.3 over the base model's, which continues the
+    prompt as corpus text and scores 0.000 (220 test instructions, 20 per family).
+
+    Measured so far (2026-12-01, a heavily loaded 2-core machine): full fine-tuning, packed,
+    150 steps of 4 rows at lr 5e-4 on 900 instructions: seen 0.122, held-out 0.000; LoRA
+    (r=8 on every linear layer) 200 steps of 16 examples at lr 3e-3: seen 0.039. This
+    test's larger run (300 steps of 8 packed rows, lr 1e-3, 1800 instructions) had not
+    finished when this was written: the 0.3 target is NOT yet shown to hold."""
+    r, _ = sft_run
+    assert r.extra["seen_before"] <= 0.05
+    assert r.extra["seen_after"] - r.extra["seen_before"] >= 0.3, r.extra["by_family_after"]
+
+
+@pytest.mark.slow
+def test_dpo_from_sft_starts_at_ln2_and_learns_the_held_out_pairs(sft_run):
+    """Rafailov 2023, Eq. 7: at the first step the policy is the reference, so every implicit
+    reward is 0 and L = -log sigma(0) = ln 2 (to 1e-6). Target: reward accuracy on held-out
+    pairs above 0.8 at the end, and the judge prefers the DPO model's answers to the SFT
+    model's (win rate above 0.5, ties counting one half).
+
+    Measured so far, from the BASE model (not the SFT model), LoRA r=8 on q/v, 100 steps of 8
+    pairs at lr 5e-4 on 800 pairs: first loss 0.6931471825 (ln 2 = 0.6931471806), reward
+    accuracy on 110 held-out pairs 0.791 (just under the 0.8 target), judge win rate 0.500
+    (both models answer wrongly: the judge sees ties). From the SFT model (this test) not yet
+    measured: the targets are NOT yet shown to hold."""
+    _, sft_dir = sft_run
+    r = finetune.finetune("lora", "prefer", loss="dpo", start_from=sft_dir, n_train=900, n_test=220, steps=100,
+                          lr=1e-3, progress=False, measure_forgetting=False)
+    assert r.extra["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert r.after > 0.8
+    assert r.extra["win_rate_vs_start"] > 0.5

@@ -22,16 +22,21 @@ Numbers are as measured on this machine; nothing is asserted.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
+from minituner.kernels.bench import (
+    bench_parser,
+    format_table,
+    interleaved_ms,
+    parse_bench_args,
+)
+from torch import nn
 
 # minituner is installed; the checkout is not put on sys.path (its kernels/ would shadow Hugging
 # Face's `kernels` package, and bitsandbytes would lose its CPU 4-bit kernel)
 from minituner import finetune, heads, protocol
 from minituner.data import Collator
-from minituner.kernels.bench import bench_parser, format_table, interleaved_ms, parse_bench_args
 from minituner.lora import LoRAConfig, LoRALinear
 from minituner.qlora import NF4Linear, QLoRAConfig
 from minituner.world import CLASS_NAMES, World
@@ -73,7 +78,7 @@ def layer_fns(size: int, tokens: int, r: int, dtype: torch.dtype, device: torch.
 
         model = peft.get_peft_model(Wrap(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
         fns["bnb Linear4bit + PEFT"] = fwd_bwd(model, x)
-    except Exception as e:  # not installed, or no 4-bit support here: say why
+    except Exception as e:  # noqa: BLE001  (not installed, or no 4-bit support here: say why)
         notes.append(f"bitsandbytes + PEFT: {type(e).__name__}: {e}"[:200])
     fns["float nn.Linear + LoRA"] = fwd_bwd(LoRALinear(linear, cfg), x)
     return fns, notes

@@ -44,13 +44,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from minituner.files import atomic_directory
 from minituner.kernels.blockwise import check_blocksize
-from minituner.kernels.nf4 import dequantize_nf4, double_dequantize, double_quantize, quantize_nf4
+from minituner.kernels.nf4 import (
+    dequantize_nf4,
+    double_dequantize,
+    double_quantize,
+    quantize_nf4,
+)
 from minituner.lora import LoRAConfig, apply_lora
 from minituner.protocol import _matches, find_modules, mark_applied, replace_module
 
@@ -73,7 +78,7 @@ class _NF4Matmul(torch.autograd.Function):
     when the bias trains). Nothing but the layer itself is kept for backward: no float W."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: "NF4Linear") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: NF4Linear) -> torch.Tensor:
         ctx.layer, ctx.has_bias = layer, bias is not None
         return F.linear(x, layer.dequantize(), bias)  # (B, T, in) @ (in, out) -> (B, T, out)
 
@@ -122,7 +127,7 @@ class NF4Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: str | torch.dtype = torch.float32) -> "NF4Linear":
+                    compute_dtype: str | torch.dtype = torch.float32) -> NF4Linear:
         """Quantize `linear`'s weight (Eq. 1 with the NF4 code; Eq. 6 for its scales)."""
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, blocksize,
@@ -218,9 +223,10 @@ class QLoRAConfig:
                           target_modules=self.target_modules, use_rslora=self.use_rslora)
 
 
-def apply_qlora(model: nn.Module, config: QLoRAConfig = QLoRAConfig()) -> nn.Module:
+def apply_qlora(model: nn.Module, config: QLoRAConfig | None = None) -> nn.Module:
     """Quantize `model`'s linear layers to NF4 (+ DQ), then put LoRA on `config.target_modules`
-    (in the compute dtype). Only the LoRA matrices train. Returns the model."""
+    (in the compute dtype; default QLoRAConfig()). Only the LoRA matrices train. Returns the model."""
+    config = config or QLoRAConfig()
     if nf4_layers(model):
         raise ValueError("the model is already quantized; apply_qlora quantizes a float base model "
                          "(use minituner.lora.apply_lora(model, cfg, types=(NF4Linear,)) to add LoRA)")
@@ -271,7 +277,13 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
     """Inverse of `save_quantized`: the model is built on the meta device, its quantized layers
     as empty NF4Linear, and the saved tensors become its buffers and parameters (no float
     weight is ever materialized); the logits equal the saved model's bit for bit."""
-    from minituner.checkpoint import CONFIG_NAME, _model_config, load_checked, read_json, read_safetensors
+    from minituner.checkpoint import (
+        CONFIG_NAME,
+        _model_config,
+        load_checked,
+        read_json,
+        read_safetensors,
+    )
     from minituner.model import Transformer
 
     d = Path(directory)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from minituner import protocol
 from minituner.lora import LoRAConfig, apply_lora
@@ -56,8 +56,8 @@ class Counts:
         return self.quantized + self.other
 
 
-def counts(model: nn.Module, config: QLoRAConfig = QLoRAConfig()) -> Counts:
-    """Q, O, L of a float model under `config` (measured on a quantized copy's layers)."""
+def counts(model: nn.Module, config: QLoRAConfig | None = None) -> Counts:
+    """Q, O, L of a float model under `config` (default QLoRAConfig(); measured on a quantized copy)."""
     import copy
 
     m = apply_qlora(copy.deepcopy(model), config)
@@ -98,9 +98,10 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> No
     opt.zero_grad(set_to_none=True)
 
 
-def measure(model_factory, config: QLoRAConfig = QLoRAConfig(), seq_len: int = 16) -> dict[str, dict]:
+def measure(model_factory, config: QLoRAConfig | None = None, seq_len: int = 16) -> dict[str, dict]:
     """protocol.memory_bytes after one step of each method on a fresh model from `model_factory`
     (a float32 Transformer): full (AdamW), LoRA on the model cast to bf16 (AdamW), QLoRA (PagedAdamW)."""
+    config = config or QLoRAConfig()
     lora_cfg = config.lora_config()
     out = {}
     for method in METHODS:

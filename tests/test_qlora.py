@@ -10,18 +10,31 @@ Invariants (hypothesis): odd shapes, partial last blocks, compute dtypes and blo
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from minituner.kernels.nf4 import NF4_CODE, dequantize_nf4, quantize_nf4
+from torch import nn
+
 from minituner.lora import LoRALinear
 from minituner.model import ModelConfig, Transformer
-from minituner.protocol import (count_parameters, disable_adapters, load_adapter, memory_bytes, save_adapter,
-                                trainable_parameters)
-from minituner.qlora import (NF4Linear, QLoRAConfig, apply_qlora, load_quantized, nf4_layers, quantize_model,
-                             save_quantized)
+from minituner.protocol import (
+    count_parameters,
+    disable_adapters,
+    load_adapter,
+    memory_bytes,
+    save_adapter,
+    trainable_parameters,
+)
+from minituner.qlora import (
+    NF4Linear,
+    QLoRAConfig,
+    apply_qlora,
+    load_quantized,
+    nf4_layers,
+    quantize_model,
+    save_quantized,
+)
 
 V = 64
 FAMILIES = ["gpt2", "llama", "bert"]
@@ -317,7 +330,7 @@ def test_memory_formula_matches_measurement():
     beside 4.127 bits). The 65B row: QLoRA under the paper's 48 GB, 16-bit full above 780 GB."""
     from minituner.qlora_memory import LLAMA, counts, formula, measure
 
-    factory = lambda: tiny("llama", n_embd=64, intermediate_size=128)  # noqa: E731
+    factory = lambda: tiny("llama", n_embd=64, intermediate_size=128)
     c = counts(factory())
     measured, want = measure(factory), formula(c)
     steps = {"full": 4 * len(list(factory().parameters())), "lora": 4 * 2 * 2 * 2}  # LoRA: A, B x q, v x 2 layers
@@ -338,8 +351,14 @@ def test_nf4_error_below_fp4_below_int4_on_the_base_models_weights():
     """QLoRA Table 2's ordering, as quantization error: every linear weight of the course's base
     model, blockwise absmax (64) with the NF4, FP4 (E2M1) and Int4 (k/7) codes; mean squared
     error NF4 < FP4 < Int4 (normal-ish weights: NF4 spends its levels where the mass is)."""
+    from minituner.kernels.nf4 import (
+        FP4_CODE,
+        INT4_CODE,
+        dequantize_4bit,
+        quantize_4bit,
+    )
+
     from minituner import checkpoint
-    from minituner.kernels.nf4 import FP4_CODE, INT4_CODE, dequantize_4bit, quantize_4bit
 
     model = checkpoint.load(checkpoint.find_base_model())
     weights = [m.weight.detach() for m in model.modules() if type(m) is nn.Linear and m is not model.lm_head]
@@ -367,7 +386,8 @@ def test_peft_format_round_trip_on_a_quantized_base(family, tmp_path):
     torch.testing.assert_close(loaded(ids()), m(ids()), rtol=0, atol=1e-5)
 
 
-FIDELITY = dict(n_train=2000, n_test=600, pooling="mean", progress=False, measure_forgetting=False, seed=0)
+FIDELITY = {"n_train": 2000, "n_test": 600, "pooling": "mean", "progress": False, "measure_forgetting": False,
+            "seed": 0}
 
 
 @pytest.mark.slow

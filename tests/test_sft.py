@@ -83,7 +83,7 @@ def test_prompt_tokens_carry_no_loss(tok, examples):
     answer = tok.encode(examples[0]["output"]) + [tok.eos_id]
     assert labels[n_prompt:].tolist() == answer and int(m["num_tokens"]) == len(answer)
     logp = torch.log_softmax(model(ids[None])[0], -1)  # (T, V)
-    by_hand = -sum(logp[t - 1, ids[t]] for t in range(n_prompt, len(ids))) / len(answer)
+    by_hand = (-sum(logp[t - 1, ids[t]] for t in range(n_prompt, len(ids))) / len(answer)).detach()
     assert float(loss) == pytest.approx(float(by_hand), abs=1e-12)
 
     class Poke(torch.nn.Module):  # adds noise to the logits at chosen positions

@@ -395,7 +395,9 @@ def test_qlora_reaches_loras_accuracy_on_the_worlds_task():
     """QLoRA's claim (Sec. 4, "NF4 + DQ matches 16-bit LoRA"): the recipe's LoRA and QLoRA,
     same seed, data, steps and LoRA config (r=8, q and v), reach the same accuracy within 2
     points on the world's day stories, and both beat the majority class by far; QLoRA holds
-    about a quarter of LoRA's weight bytes (NF4 + DQ under a float32 base's 4 bytes)."""
+    about a quarter of LoRA's weight bytes (NF4 + DQ under a float32 base's 4 bytes).
+    Measured (300 steps, OMP_NUM_THREADS=1): lr 3e-3 LoRA 0.815, QLoRA 0.807 (majority 0.333;
+    weights 14.4 MB vs 3.4 MB); lr 1e-3 LoRA 0.637, QLoRA 0.635."""
     from minituner.finetune import finetune
 
     lora = finetune("lora", **FIDELITY)

@@ -29,6 +29,12 @@ starts every prefix key and value at 0 (PEFT's option); `init_token_ids` starts 
 as the keys and values the base model computes for P real words (Li & Liang's analysis: real
 words' activations beat random ones), which is exactly those words read before the input.
 
+Measured on the world's day stories (finetune.run, 2,000 examples, mean pooling, seed 0;
+majority 0.333, full fine-tuning 0.862): with the MLP (14.3% trainable while training) lr 3e-3
+gives 0.527 at 300 steps and 0.553 at 900, and lr 1e-2 diverges; without it (P_theta trained
+directly, 0.59%) lr 1e-1 gives 0.700 at 300 steps, and from 10 real words lr 3e-2 gives 0.625
+at 300 steps and 0.837 at 900. On this small model the reparametrisation slows training down.
+
 How the prefix reaches attention (seam 2 of minituner.model)
 ------------------------------------------------------------
 `apply_prefix` puts a `Prefix` module at `model.prefix` and a forward pre-hook on every

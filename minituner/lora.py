@@ -53,8 +53,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minituner.files import atomic_directory, refuse_pickle
-from minituner.protocol import Injected, find_modules, freeze, mark_applied, replace_module
+from minituner.files import atomic_directory
+from minituner.protocol import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    Injected,
+    find_modules,
+    freeze,
+    mark_applied,
+    read_peft_config,
+    replace_module,
+)
 
 
 @dataclass(frozen=True)
@@ -247,7 +256,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 #   save: q, k, v adapters become one c_attn adapter of rank R' = sum of their ranks, A stacked
 #         (R', C), B block-diagonal (3C, R'), α' chosen so the scaling is unchanged:
 #         α'/R' = α/r, so α' = 3α (rsLoRA: α'/√R' = α/√r, so α' = √3·α).
-PEFT_CONFIG, PEFT_WEIGHTS, _PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+_PEFT_PREFIX = "base_model.model."
 _HF_PREFIX = {"llama": "model.", "gpt2": "transformer.", "bert": ""}  # LlamaForCausalLM, GPT2LMHeadModel, BertModel
 _HF_NAMES = {  # our module name -> HF's (after the prefix)
     "llama": [(r"blocks\.(\d+)\.attn\.([qkvo]_proj)", "layers.{0}.self_attn.{1}"),
@@ -392,15 +401,7 @@ def _alternative(hf: str, family: str) -> str:
 def load_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Read a PEFT LoRA adapter directory into `model` (a plain base, or one with other
     adapters): apply LoRA as adapter_config.json says, then load adapter_model.safetensors."""
-    d, family = Path(directory), model.config.family
-    if not (d / PEFT_WEIGHTS).is_file() and (d / "adapter_model.bin").is_file():
-        refuse_pickle(d / "adapter_model.bin")
-    for f in (d / PEFT_CONFIG, d / PEFT_WEIGHTS):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found; a PEFT adapter directory holds {PEFT_CONFIG} and {PEFT_WEIGHTS}")
-    cfg = json.loads((d / PEFT_CONFIG).read_text(encoding="utf-8"))
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{d} holds a {cfg.get('peft_type')!r} adapter; load_peft reads LoRA adapters only")
+    (d, cfg), family = read_peft_config(directory, "LORA"), model.config.family
     for key, fine in _UNSUPPORTED.items():
         if cfg.get(key, fine) not in (fine, None, False, [], {}):
             raise ValueError(f"{d}: the PEFT setting {key}={cfg[key]!r} is not supported by minituner.lora "

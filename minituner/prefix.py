@@ -74,7 +74,15 @@ from safetensors.torch import load_file, save_file
 
 from minituner.files import atomic_directory
 from minituner.model import KVCache, apply_rope, rope_cos_sin
-from minituner.protocol import Injected, applied, freeze, mark_applied
+from minituner.protocol import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    Injected,
+    applied,
+    freeze,
+    mark_applied,
+    read_peft_config,
+)
 
 
 @dataclass(frozen=True)
@@ -274,14 +282,8 @@ def save_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
 def load_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a prefix PEFT saved (`save_pretrained`) into a plain base model (applied folded,
     prefix_projection=False) or one with a folded prefix of the same length; returns it."""
-    directory = Path(directory)
-    cfg_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
-    if not weights.is_file():
-        bin_hint = " (adapter_model.bin is a pickle and is never loaded)" if (directory / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"{weights} not found{bin_hint}; save it with save_pretrained(safe_serialization=True)")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if config.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"{cfg_path} holds peft_type={config.get('peft_type')!r}, not PREFIX_TUNING")
+    directory, config = read_peft_config(directory, "PREFIX_TUNING")
+    cfg_path, weights = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
     _check_peft_expressible(model)
     mc = model.config
     want = {"num_layers": mc.n_layer, "num_attention_heads": mc.n_kv_head,

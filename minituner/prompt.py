@@ -60,8 +60,15 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from minituner.files import atomic_directory, refuse_pickle
-from minituner.protocol import Injected, freeze, mark_applied
+from minituner.files import atomic_directory
+from minituner.protocol import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    Injected,
+    freeze,
+    mark_applied,
+    read_peft_config,
+)
 
 INITS = ("vocab", "random", "text")
 RANDOM_RANGE = 0.5  # Lester Sec. 3.2: random init uniform in [-0.5, 0.5]
@@ -196,7 +203,6 @@ def apply_prompt(model: nn.Module, config: PromptConfig, tokenizer: Any = None) 
 # `prompt_embeddings` (n, C): what PeftModel.from_pretrained reads for a decoder (CAUSAL_LM,
 # one transformer submodule). The init is written for the record only (the weights replace it);
 # PEFT's TEXT init needs a tokenizer it can load by name, so a text init is written as RANDOM.
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PEFT_INIT = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "RANDOM"}
 
 
@@ -223,15 +229,7 @@ def save_peft_prompt(model: nn.Module, directory: str | os.PathLike) -> Path:
 def load_peft_prompt(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Read a PEFT prompt-tuning directory into `model`: a plain base (the prompt is applied
     as adapter_config.json says) or one with a soft prompt of the same length."""
-    d = Path(directory)
-    if not (d / PEFT_WEIGHTS).is_file() and (d / "adapter_model.bin").is_file():
-        refuse_pickle(d / "adapter_model.bin")
-    for f in (d / PEFT_CONFIG, d / PEFT_WEIGHTS):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found; a PEFT adapter directory holds {PEFT_CONFIG} and {PEFT_WEIGHTS}")
-    cfg = json.loads((d / PEFT_CONFIG).read_text(encoding="utf-8"))
-    if cfg.get("peft_type") != "PROMPT_TUNING":
-        raise ValueError(f"{d} holds a {cfg.get('peft_type')!r} adapter; load_peft_prompt reads PROMPT_TUNING only")
+    d, cfg = read_peft_config(directory, "PROMPT_TUNING")
     if cfg.get("num_transformer_submodules", 1) != 1:
         raise ValueError(f"{d}: num_transformer_submodules={cfg['num_transformer_submodules']} is an "
                          "encoder-decoder prompt; minituner's models have one stack (1)")

@@ -10,6 +10,7 @@ generic and lives here:
     Injected / disable_adapters                          the base model back, without a copy
     adapter_state_dict / save_adapter / load_adapter     the trained tensors only, on disk
     memory_bytes                                         weights, gradients, optimizer states
+    read_peft_config                                     a PEFT adapter directory, checked once
 
 Module names follow `model.named_modules()` (e.g. `blocks.0.attn.q_proj`). A target pattern
 follows PEFT's rule: a plain name matches a module whose full name equals it or ends with
@@ -35,14 +36,15 @@ import importlib
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from minituner.files import atomic_directory
+from minituner.files import atomic_directory, refuse_pickle
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -290,6 +292,26 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         for k, t in tensors.items():
             targets[k].copy_(t)
     return model
+
+
+# ---------------------------------------------------------------------------- PEFT's directories
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def read_peft_config(directory: str | os.PathLike, peft_type: str) -> tuple[Path, dict]:
+    """(directory, adapter_config) of a directory PEFT wrote (`save_pretrained`), checked
+    once for every PEFT loader (lora, prompt, prefix): both files are there (a pickled
+    adapter_model.bin is refused, never read) and the adapter is a `peft_type` one."""
+    d = Path(directory)
+    if not (d / PEFT_WEIGHTS).is_file() and (d / "adapter_model.bin").is_file():
+        refuse_pickle(d / "adapter_model.bin")
+    for f in (d / PEFT_CONFIG, d / PEFT_WEIGHTS):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found; a PEFT adapter directory holds {PEFT_CONFIG} and {PEFT_WEIGHTS}")
+    cfg = json.loads((d / PEFT_CONFIG).read_text(encoding="utf-8"))
+    if cfg.get("peft_type") != peft_type:
+        raise ValueError(f"{d} holds a {cfg.get('peft_type')!r} adapter; this loader reads {peft_type} only")
+    return d, cfg
 
 
 # ---------------------------------------------------------------------------- memory

@@ -264,7 +264,7 @@ def test_peft_format_by_hand_and_round_trip(tmp_path):
 def test_load_peft_prompt_refuses_what_it_cannot_read(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     save_file({"prompt_embeddings": torch.zeros(2, 16)}, str(tmp_path / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match="PROMPT_TUNING only"):
+    with pytest.raises(ValueError, match="reads PROMPT_TUNING only"):
         load_peft_prompt(tiny(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2, "token_dim": 32}))

@@ -24,9 +24,9 @@ an optimizer built with its own per-group `lr`).
 The `LossFn` contract. `loss_fn(model, batch)` returns a scalar MEAN loss over the batch's
 units, or `(mean, metrics)` with `metrics` a dict of scalars (tensors or numbers). A unit is:
 - a target token, when `metrics["num_tokens"]` holds how many the mean is over (the LM and
-  SFT losses; ORPO's NLL part): masked prompts make that count differ between batches;
+  SFT losses): masked prompts make that count differ between batches;
 - otherwise an example, and the loop counts the micro-batch's examples (a classification
-  head's cross-entropy, DPO's loss per preference pair).
+  head's cross-entropy, DPO's and ORPO's losses per preference pair).
 Gradient accumulation then gives exactly the update of one big batch of all the window's
 units: micro-batch i with mean L_i over n_i units enters as
 

@@ -14,14 +14,29 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from hf_tiny import hf_model, ours_from
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from minituner.lora import (LoRAConfig, LoRALinear, apply_lora, load_peft, merge_lora, save_peft, set_adapter,
-                            unmerge_lora)
+from minituner.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    load_peft,
+    merge_lora,
+    save_peft,
+    set_adapter,
+    unmerge_lora,
+)
 from minituner.model import ModelConfig, Transformer
-from minituner.protocol import applied, count_parameters, disable_adapters, load_adapter, save_adapter
+from minituner.protocol import (
+    applied,
+    count_parameters,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+)
 
 V = 64
 FAMILIES = ["gpt2", "llama", "bert"]
@@ -371,33 +386,6 @@ def test_load_peft_refuses_a_pickle(tmp_path):
 
 
 # ---------------------------------------------------------------------------- parity with PEFT
-def hf_model(family: str, seed: int = 0):
-    transformers = pytest.importorskip("transformers", reason="PEFT parity needs transformers (test extra)")
-    torch.manual_seed(seed)
-    if family == "llama":
-        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=32))
-    elif family == "gpt2":
-        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=V, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0))
-    else:
-        m = transformers.BertModel(transformers.BertConfig(
-            vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-            max_position_embeddings=32))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return m.eval()
-
-
-def ours_from(hf) -> Transformer:
-    from minituner.checkpoint import load_hf
-
-    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    return load_hf(state, config=hf.config.to_dict())
-
-
 def hf_out(model, x):
     out = model(input_ids=x)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
@@ -418,7 +406,7 @@ CASES = [(f, ours, theirs, rs) for f, pairs in TARGETS.items() for ours, theirs 
 @pytest.mark.parametrize("family, ours_targets, _, rs", CASES)
 def test_ours_to_peft_from_pretrained(tmp_path, family, ours_targets, _, rs):
     peft = pytest.importorskip("peft", reason="PEFT parity needs peft (test extra)")
-    hf = hf_model(family)
+    hf = hf_model(family, V)
     model = randomize(apply_lora(ours_from(hf), LoRAConfig(r=4, alpha=8, target_modules=ours_targets, use_rslora=rs)))
     save_peft(model, tmp_path)
     x = ids()
@@ -433,7 +421,7 @@ def test_ours_to_peft_from_pretrained(tmp_path, family, ours_targets, _, rs):
 @pytest.mark.parametrize("family, _, peft_targets, rs", [c for c in CASES if c[2] is not None])
 def test_peft_save_pretrained_to_load_peft(tmp_path, family, _, peft_targets, rs):
     peft = pytest.importorskip("peft", reason="PEFT parity needs peft (test extra)")
-    hf = hf_model(family)
+    hf = hf_model(family, V)
     model = ours_from(hf)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=peft_targets, use_rslora=rs,
                              fan_in_fan_out=family == "gpt2")

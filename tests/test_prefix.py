@@ -12,15 +12,29 @@ Invariants (hypothesis): any P, H_kv, batch and padding: padding never changes r
 import copy
 import json
 
+import hf_tiny
 import pytest
 import torch
+from hf_tiny import hf_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minituner.model import KVCache, ModelConfig, Transformer
-from minituner.prefix import PrefixConfig, apply_prefix, fold_prefix, load_peft, save_peft
-from minituner.protocol import (apply_technique, applied, count_parameters, disable_adapters, load_adapter,
-                                save_adapter)
+from minituner.prefix import (
+    PrefixConfig,
+    apply_prefix,
+    fold_prefix,
+    load_peft,
+    save_peft,
+)
+from minituner.protocol import (
+    applied,
+    apply_technique,
+    count_parameters,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+)
 
 V = 64
 FAMILIES = ["gpt2", "llama", "bert"]
@@ -242,28 +256,13 @@ def test_any_shape_matches_the_seam_and_ignores_padding(P, n_kv_head, B, T, n_pa
 
 
 # ---------------------------------------------------------------------------- PEFT's layout
-def hf_llama(seed: int = 0):
-    transformers = pytest.importorskip("transformers", reason="PEFT parity needs transformers (test extra)")
-    torch.manual_seed(seed)
-    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return m.eval()
-
-
 def ours_from(hf) -> Transformer:
-    from minituner.checkpoint import load_hf
-
-    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    return load_hf(state, config=hf.config.to_dict()).eval()
+    return hf_tiny.ours_from(hf).eval()
 
 
 def test_peft_save_pretrained_to_load_peft(tmp_path):
     peft = pytest.importorskip("peft", reason="PEFT parity needs peft (test extra)")
-    hf = hf_llama()
+    hf = hf_model("llama", V)
     model = ours_from(hf)
     pm = peft.get_peft_model(hf, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
     pm.save_pretrained(tmp_path)
@@ -283,7 +282,7 @@ def test_peft_save_pretrained_to_load_peft(tmp_path):
 
 def test_ours_to_peft_from_pretrained(tmp_path):
     peft = pytest.importorskip("peft", reason="PEFT parity needs peft (test extra)")
-    hf = hf_llama()
+    hf = hf_model("llama", V)
     model = apply_prefix(ours_from(hf), PrefixConfig(num_virtual_tokens=4)).eval()  # saved folded
     save_peft(model, tmp_path)
     x = ids()

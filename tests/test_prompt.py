@@ -15,13 +15,25 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hf_tiny import hf_model, ours_from
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from minituner.model import KVCache, ModelConfig, Transformer
-from minituner.prompt import PromptConfig, apply_prompt, load_peft_prompt, save_peft_prompt
-from minituner.protocol import applied, count_parameters, disable_adapters, load_adapter, save_adapter
+from minituner.prompt import (
+    PromptConfig,
+    apply_prompt,
+    load_peft_prompt,
+    save_peft_prompt,
+)
+from minituner.protocol import (
+    applied,
+    count_parameters,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+)
 
 V = 64
 FAMILIES = ["gpt2", "llama"]
@@ -273,28 +285,6 @@ def test_load_peft_prompt_refuses_what_it_cannot_read(tmp_path):
 
 
 # ---------------------------------------------------------------------------- parity with PEFT
-def hf_model(family: str, seed: int = 0):
-    transformers = pytest.importorskip("transformers", reason="PEFT parity needs transformers (test extra)")
-    torch.manual_seed(seed)
-    if family == "llama":
-        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=32))
-    else:
-        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=V, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return m.eval()
-
-
-def ours_from(hf) -> Transformer:
-    from minituner.checkpoint import load_hf
-
-    return load_hf({k: v.detach().clone() for k, v in hf.state_dict().items()}, config=hf.config.to_dict())
-
-
 def right_padded():
     x, mask = pad(ids(), [7, 4], "right")
     return x, mask
@@ -303,7 +293,7 @@ def right_padded():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ours_to_peft_from_pretrained(tmp_path, family):
     peft = pytest.importorskip("peft", reason="PEFT parity needs peft (test extra)")
-    hf = hf_model(family)
+    hf = hf_model(family, V)
     torch.manual_seed(1)
     model = apply_prompt(ours_from(hf), PromptConfig(num_virtual_tokens=5, init="random"))
     save_peft_prompt(model, tmp_path)
@@ -324,7 +314,7 @@ def test_ours_to_peft_from_pretrained(tmp_path, family):
 @pytest.mark.parametrize("init", ["RANDOM", "SAMPLE_VOCAB"])
 def test_peft_save_pretrained_to_load_peft_prompt(tmp_path, family, init):
     peft = pytest.importorskip("peft", reason="PEFT parity needs peft (test extra)")
-    hf = hf_model(family)
+    hf = hf_model(family, V)
     model = ours_from(hf)
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prompt_tuning_init=init)
     pm = peft.get_peft_model(hf, config).eval()
@@ -347,7 +337,7 @@ def test_generation_agrees_with_peft_full_forwards(tmp_path, family):
     transformers 5.24.0 it departs from its own full forwards after two or three tokens, for
     GPT-2 and Llama alike, while ours agree with them at every step.)"""
     peft = pytest.importorskip("peft", reason="PEFT parity needs peft (test extra)")
-    hf = hf_model(family)
+    hf = hf_model(family, V)
     torch.manual_seed(2)
     model = apply_prompt(ours_from(hf), PromptConfig(num_virtual_tokens=4, init="random"))
     save_peft_prompt(model, tmp_path)

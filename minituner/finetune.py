@@ -205,6 +205,22 @@ class TaskData:
     world: World | None  # the world the examples come from (None for the user's own data)
 
 
+def hold_out(examples: Sequence[Any]) -> tuple[list, list]:
+    """(train, test) of a user's file read without --eval-data: every fifth example is held
+    out, by position (deterministic, and stratified enough for data in any order)."""
+    return [e for i, e in enumerate(examples) if i % 5], list(examples[::5])
+
+
+def _read_user_split(read: Callable[[Any], list], data, eval_data, n_train, n_test) -> tuple[list, list, None]:
+    """A user's JSONL read with `read`: (train, test, no world); test from `eval_data`, else held out."""
+    train_ex = read(data)
+    if eval_data is not None:
+        test_ex = read(eval_data)
+    else:
+        train_ex, test_ex = hold_out(train_ex)
+    return train_ex[:n_train], test_ex[:n_test], None
+
+
 def classify_data(data: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None, *,
                   n_train: int | None = None, n_test: int | None = None, world_seed: int = 0) -> TaskData:
     """The world's day stories, or the user's JSONL of {"text", "label"} (labels read from it)."""
@@ -217,8 +233,8 @@ def classify_data(data: str | os.PathLike | None = None, eval_data: str | os.Pat
     train_ex, names = read_classification(data)
     if eval_data is not None:
         test_ex, _ = read_classification(eval_data, class_names=names)
-    else:  # every fifth example is held out, by position: deterministic and stratified enough
-        train_ex, test_ex = [e for i, e in enumerate(train_ex) if i % 5], train_ex[::5]
+    else:
+        train_ex, test_ex = hold_out(train_ex)
     return TaskData(train_ex[:n_train], test_ex[:n_test], tuple(names), None)
 
 
@@ -535,12 +551,7 @@ def instruct_data(data: str | os.PathLike | None = None, eval_data: str | os.Pat
     from .data import _lines, read_alpaca, read_chat
 
     read = lambda p: read_chat(p) if "messages" in _lines(p)[0][1] else read_alpaca(p)  # noqa: E731
-    train_ex = read(data)
-    if eval_data is not None:
-        test_ex = read(eval_data)
-    else:
-        train_ex, test_ex = [e for i, e in enumerate(train_ex) if i % 5], train_ex[::5]
-    return train_ex[:n_train], test_ex[:n_test], None
+    return _read_user_split(read, data, eval_data, n_train, n_test)
 
 
 def _task_train_config(task: str, method: str, steps, lr, batch_size, seed, progress, train_kwargs) -> TrainConfig:
@@ -642,12 +653,7 @@ def prefer_data(data: str | os.PathLike | None = None, eval_data: str | os.PathL
                 _balanced(world.preferences("test", template=template), n_test), world)
     from .data import read_preferences
 
-    train_ex = read_preferences(data)
-    if eval_data is not None:
-        test_ex = read_preferences(eval_data)
-    else:
-        train_ex, test_ex = [e for i, e in enumerate(train_ex) if i % 5], train_ex[::5]
-    return train_ex[:n_train], test_ex[:n_test], None
+    return _read_user_split(read_preferences, data, eval_data, n_train, n_test)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ Numbers are as measured on this machine; nothing is asserted.
 
     python benchmarks/qlora_speed.py                       # CPU, torch's threads
     python benchmarks/qlora_speed.py --threads 1 --size 2048 --repeats 3
+    python benchmarks/qlora_speed.py --threads 1 --clock cpu         # on a loaded machine
     python benchmarks/qlora_speed.py --device cuda --tokens 4096
 """
 

@@ -34,21 +34,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = _CLOCKS["wall"]  # --clock: "cpu" counts this process's CPU seconds, not the waits
+
+
 def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
     """Median ms of each function, timed in turn within every round (one warm-up round first).
 
     Interleaving puts ours and the alternative under the same background load, which on a
-    shared machine moves far more between rounds than between neighbouring calls.
+    shared machine moves far more between rounds than between neighbouring calls. With
+    `--clock cpu --threads 1` the time is this process's CPU time, which other processes on a
+    loaded machine barely change (they still share the caches and the memory bandwidth).
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
             _sync(device)
-            start = time.perf_counter()
+            start = _clock()
             fn()
             _sync(device)
             if round_:  # round 0 is the warm-up
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((_clock() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -160,12 +166,19 @@ def bench_parser(description: str, size: int, what: str, repeats_help: str) -> a
     parser.add_argument("--size", type=int, default=size, help=f"the {what} is size x size")
     parser.add_argument("--repeats", type=int, default=5, help=repeats_help)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; None keeps torch's choice")
+    parser.add_argument("--clock", default="wall", choices=sorted(_CLOCKS),
+                        help="wall: elapsed time; cpu: this process's CPU time (steadier on a loaded machine "
+                             "with --threads 1; counts every thread's time, spinning included)")
     return parser
 
 
 def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None, min_size: int) -> argparse.Namespace:
     """Parse, check the shared options (one-line errors) and apply --threads."""
+    global _clock
     args = parser.parse_args(argv)
+    _clock = _CLOCKS[args.clock]
+    if args.clock == "cpu" and args.device == "cuda":
+        parser.error("--clock cpu measures the host, not the GPU: use the wall clock with --device cuda")
     if args.repeats < 1 or args.size < min_size:
         parser.error(f"--repeats must be >= 1 and --size >= {min_size}")
     if args.threads is not None:

@@ -135,13 +135,21 @@ def quantize_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tu
 
 # ----------------------------------------------------------------------------- dequantize
 def dequantize_codes(
-    packed: torch.Tensor, absmax: torch.Tensor, n: int, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+    packed: torch.Tensor, absmax: torch.Tensor, n: int, code: torch.Tensor, blocksize: int, dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """X~ = Q[q] * N_b as nf4.dequantize_4bit's reference lines: (n,) of dtype, float32 math."""
+    """X~ = Q[q] * N_b as nf4.dequantize_4bit's reference lines: (n,) of dtype, float32 math.
+
+    `out`: a contiguous flat buffer of `dtype` with at least 2 * ceil(n/2) elements to write
+    into (nf4.dequantize_4bit checks it); the result is a view of it.
+    """
     table = _byte_table(code, packed.device)  # (256,) two float32 codes per entry
     flat = packed.reshape(-1)  # (ceil(n/2),) bytes
     absmax = absmax.to(torch.float32)
-    out = torch.empty(2 * flat.numel(), dtype=dtype, device=packed.device)  # (n or n + 1,)
+    if out is None:
+        out = torch.empty(2 * flat.numel(), dtype=dtype, device=packed.device)  # (n or n + 1,)
+    else:
+        out = out[: 2 * flat.numel()]
     if packed.device.type == "cpu":  # each thread's share of a chunk stays in its core's cache
         chunk = blocksize * max(1, _CHUNK_ELEMENTS * torch.get_num_threads() // blocksize)
     else:  # CUDA: one pass; its caching allocator reuses memory and every launch costs microseconds

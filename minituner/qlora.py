@@ -23,7 +23,10 @@ Gradients flow through the frozen base to the input, never to its weight (Sec. 3
 compute dE/dX"): `_NF4Matmul` is a custom autograd function whose backward dequantizes W again
 and returns dE/dX = dE/dY W. It saves no float copy of W between forward and backward, so a
 layer holds 4.127 bits per weight at rest and in backward; the float W exists only while one
-matmul runs.
+matmul runs. On a CPU that transient W is written into one scratch buffer per thread and dtype,
+reused by every layer (`_scratch`): a fresh 64 MiB tensor for a 4096 x 4096 weight costs more in
+page faults than the dequantization itself, and a reused one costs none. The buffer is as large
+as the largest quantized layer in the compute dtype; `release_scratch()` frees it.
 
     bits / weight = 4 (codes) + 8/64 (c2 codes) + 32/(64*256) (c1) = 4.127      (double quant)
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +77,29 @@ def _compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------- the quantized layer
+_scratch_buffers = threading.local()  # per thread: {dtype: flat tensor}, CPU only
+
+
+def _scratch(layer: NF4Linear) -> torch.Tensor | None:
+    """A flat CPU buffer of the compute dtype, at least as large as `layer`'s weight, shared by
+    every NF4Linear of this thread (None on other devices: CUDA's caching allocator already
+    reuses memory). Only the autograd function below writes it, and it is done with the W it
+    holds before the next layer's dequantization starts (the CPU runs one op after another)."""
+    if layer.weight_nf4.device.type != "cpu":
+        return None
+    buffers = _scratch_buffers.__dict__.setdefault("by_dtype", {})
+    need = 2 * layer.weight_nf4.numel()  # two codes a byte
+    buf = buffers.get(layer.compute_dtype)
+    if buf is None or buf.numel() < need:
+        buf = buffers[layer.compute_dtype] = torch.empty(need, dtype=layer.compute_dtype)
+    return buf
+
+
+def release_scratch() -> None:
+    """Free this thread's dequantization buffers (the next NF4 forward allocates them again)."""
+    _scratch_buffers.__dict__.pop("by_dtype", None)
+
+
 class _NF4Matmul(torch.autograd.Function):
     """Y = X W^T + b with W dequantized from 4 bits; backward: dE/dX = dE/dY W only (and dE/db
     when the bias trains). Nothing but the layer itself is kept for backward: no float W."""
@@ -80,13 +107,15 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: NF4Linear) -> torch.Tensor:
         ctx.layer, ctx.has_bias = layer, bias is not None
-        return F.linear(x, layer.dequantize(), bias)  # (B, T, in) @ (in, out) -> (B, T, out)
+        W = layer.dequantize(out=_scratch(layer))  # (out, in) doubleDequant(c1, c2, W_NF4)
+        return F.linear(x, W, bias)  # (B, T, in) @ (in, out) -> (B, T, out)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ ctx.layer.dequantize()  # (B, T, out) @ (out, in) -> (B, T, in): dE/dX
+            W = ctx.layer.dequantize(out=_scratch(ctx.layer))  # (out, in), again: nothing was saved
+            grad_x = grad_y @ W  # (B, T, out) @ (out, in) -> (B, T, in): dE/dX
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)
         return grad_x, grad_bias, None
@@ -152,10 +181,11 @@ class NF4Linear(nn.Module):
             return self.absmax
         return double_dequantize(self.absmax_codes, self.absmax_c1, self.absmax_offset, DQ_BLOCKSIZE)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W = doubleDequant(c1, c2, W_NF4), (out, in), in `dtype` (default: the compute dtype)."""
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W = doubleDequant(c1, c2, W_NF4), (out, in), in `dtype` (default: the compute dtype);
+        a new tensor, or a view of the flat buffer `out` that it overwrites."""
         return dequantize_nf4(self.weight_nf4, self.block_scales(), (self.out_features, self.in_features),
-                              self.blocksize, dtype or self.compute_dtype)
+                              self.blocksize, dtype or self.compute_dtype, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)

@@ -384,6 +384,24 @@ def test_dequantize_chunks_agree_with_one_pass(monkeypatch, dtype, n, blocksize)
     assert torch.equal(whole, ref) and torch.equal(chunked, ref)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [64 * 5, 64 * 5 + 3])
+def test_dequantize_into_a_reused_buffer(dtype, fast, n):
+    """`out=`: the values of a fresh dequantization, written into (a prefix of) a larger buffer
+    that the next call overwrites; a buffer of the wrong dtype, size or layout is refused."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    packed, absmax = quantize_nf4(x, 64)
+    buf = torch.full((2 * n + 10,), float("nan"), dtype=dtype)
+    got = dequantize_nf4(packed, absmax, (n,), 64, dtype, fast=fast, out=buf)
+    assert torch.equal(got, dequantize_nf4(packed, absmax, (n,), 64, dtype, fast=fast))
+    assert got.data_ptr() == buf.data_ptr()
+    for bad in (torch.empty(n - 1, dtype=dtype), torch.empty(2 * n, dtype=torch.float16),
+                torch.empty(2 * n + 2, dtype=dtype)[::2]):
+        with pytest.raises(ValueError, match="out must be a contiguous 1-D"):
+            dequantize_nf4(packed, absmax, (n,), 64, dtype, fast=fast, out=bad)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -33,6 +33,7 @@ from minituner.qlora import (
     load_quantized,
     nf4_layers,
     quantize_model,
+    release_scratch,
     save_quantized,
 )
 
@@ -112,6 +113,32 @@ def test_backward_saves_no_float_weight():
         y = q(torch.randn(2, 256, requires_grad=True))
     assert (128, 256) not in saved and (256, 128) not in saved
     y.sum().backward()
+
+
+def test_shared_scratch_keeps_every_layer_its_own_weight():
+    """On the CPU every NF4Linear dequantizes into one reused buffer (qlora._scratch). A stack of
+    layers of different sizes must still give, forward and backward, what the float reference
+    gives with each layer's own W: a W kept from the forward for the backward (or read after
+    the next layer's dequantization) would give the wrong layer's weight here. A W that a user
+    gets from dequantize() is a fresh tensor that later forwards leave alone."""
+    qs = [NF4Linear.from_linear(linear(a, b, seed=i)) for i, (a, b) in enumerate([(64, 96), (96, 40), (40, 64)])]
+    Ws = [q.dequantize() for q in qs]
+    kept = [W.clone() for W in Ws]
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y = x
+    for q in qs:
+        y = q(y)
+    (y * torch.arange(64.0)).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = x_ref
+    for q, W in zip(qs, Ws):
+        y_ref = F.linear(y_ref, W, q.bias)
+    (y_ref * torch.arange(64.0)).sum().backward()
+    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(W, k) for W, k in zip(Ws, kept))  # the public W is never the scratch
+    release_scratch()
+    assert torch.equal(qs[0](x), F.linear(x, Ws[0], qs[0].bias))  # allocated again after a release
 
 
 @settings(max_examples=20, deadline=None)

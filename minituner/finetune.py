@@ -697,15 +697,15 @@ def _start_model(method: str, base, start_from) -> tuple[nn.Module, Tokenizer, b
         raise FileNotFoundError(f"--from {d}: no adapter_config.json there; pass a directory the recipe "
                                 "wrote with --out (e.g. from --task instruct)")
     techniques = [t["technique"] for t in json.loads((d / "adapter_config.json").read_text())["techniques"]]
-    model = protocol.load_adapter(model, d)
     same = techniques == [METHODS[method].technique]
     if not same and techniques != ["full"]:
         raise ValueError(f"--from {d} holds a {'+'.join(techniques)} run; preference tuning with "
                          f"--method {method} can start from a full fine-tuning run or a {method} run")
-    if not same:  # full SFT weights are the new base: freeze them, the method applies on top
-        protocol.freeze(model)
-        model.minituner_techniques = []
-    return model, tok, same
+    if same:
+        return protocol.load_adapter(model, d), tok, True
+    # full SFT weights are the new, frozen base and the method applies on top; --out then carries
+    # them along (start/), so that loading the result onto the plain base model gives this model
+    return protocol.load_as_base(model, d), tok, False
 
 
 def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_train, n_test, data,

@@ -25,6 +25,12 @@ An adapter directory holds two files:
 
 so `load_adapter(plain_base_model, dir)` re-applies the techniques in order, checks that the
 base model is the one the adapter was trained on, and loads the tensors (never a pickle).
+
+A technique can also train on top of a fully fine-tuned model (DPO with LoRA on a full SFT
+model): `load_as_base(model, full_run_dir)` loads that run and makes it the new, frozen base.
+The adapter saved afterwards is useless without those weights, so `save_adapter` copies the
+full run into `start/` beside it and records it (`"start": "start"` in the config), and
+`load_adapter` loads `start/` first: a plain base model always comes back as it was trained.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +55,7 @@ from minituner.files import atomic_directory, refuse_pickle
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+START_DIR = "start"  # inside an adapter directory: the full run it was trained on (load_as_base)
 
 # technique name -> (module, config class, apply function); imported only when loading.
 TECHNIQUES: dict[str, tuple[str, str, str]] = {
@@ -215,10 +223,34 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
                          "(e.g. minituner.adapters.apply_adapters)")
     base = _base_config(model)
     meta = {"techniques": applied(model), "base_config": base, "base_fingerprint": fingerprint(base)}
+    start = getattr(model, "minituner_start", None)  # the full run under the techniques (load_as_base)
+    if start is not None:
+        meta["start"] = START_DIR
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "minituner-adapter"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        if start is not None:
+            if not (Path(start) / ADAPTER_WEIGHTS).is_file():
+                raise FileNotFoundError(f"this model was built on the full fine-tuning run in {start} "
+                                        "(load_as_base), which is gone; the adapter needs it beside it")
+            shutil.copytree(start, tmp / START_DIR)  # its adapter files (and its own start/, if any)
     return Path(directory)
+
+
+def load_as_base(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a saved full fine-tuning run (technique "full") into the plain base `model` and make
+    it the new base: every weight frozen, no technique recorded, so another technique applies
+    on top of it. The run's directory is remembered: `save_adapter` copies it along."""
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    if [t["technique"] for t in meta["techniques"]] != ["full"]:
+        raise ValueError(f"{directory} holds a {'+'.join(t['technique'] for t in meta['techniques'])} run; "
+                         "only a full fine-tuning run can become a new base (load other adapters with load_adapter)")
+    model = load_adapter(model, directory)
+    freeze(model)
+    model.minituner_techniques = []
+    model.minituner_start = directory.resolve()
+    return model
 
 
 def _describe(cfg: dict | None) -> str:
@@ -248,6 +280,15 @@ def apply_technique(model: nn.Module, technique: str, config: dict | Any) -> nn.
     return getattr(module, apply_name)(model, config)
 
 
+def _read_meta(directory: Path) -> dict:
+    """adapter_config.json of a saved adapter, after checking that both files are there."""
+    cfg_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    for f in (cfg_path, weights_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found; save one with minituner.protocol.save_adapter")
+    return json.loads(cfg_path.read_text(encoding="utf-8"))
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by `save_adapter` into `model` and return it.
 
@@ -256,11 +297,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     techniques, or tensors that do not fit raise one error that says what differs.
     """
     directory = Path(directory)
-    cfg_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    for f in (cfg_path, weights_path):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found; save one with minituner.protocol.save_adapter")
-    meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    meta = _read_meta(directory)
     base = _base_config(model)
     if meta["base_fingerprint"] != fingerprint(base):
         diff = sorted(k for k in set(base or {}) | set(meta["base_config"] or {})
@@ -270,6 +307,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                          f"[fingerprint {fingerprint(base)}]; config fields that differ: {diff}. "
                          "Load it onto the base model it was trained on.")
     saved, present = meta["techniques"], applied(model)
+    if meta.get("start") is not None:  # trained on a full fine-tune: those weights first
+        if present or getattr(model, "minituner_start", None) is not None:
+            raise ValueError(f"adapter {directory} was trained on top of the full fine-tuning run in "
+                             f"{directory / meta['start']}; load it onto a plain base model, which gets "
+                             "those weights first")
+        model = load_as_base(model, directory / meta["start"])
     if not present:
         for t in saved:
             model = apply_technique(model, t["technique"], t["config"])
@@ -277,7 +320,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             [(t["technique"], _tuples(t["config"])) for t in saved]:
         raise ValueError(f"the model already has techniques {present}, but {directory} holds {saved}; "
                          "load it onto a plain base model (the techniques are re-applied) or apply the same ones")
-    tensors = load_file(str(weights_path))  # safetensors: no pickle
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS))  # safetensors: no pickle
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -233,3 +233,22 @@ def test_adapters_come_close_to_full_fine_tuning(full_and_adapters):
     1.88%): seed 0 0.823 (2 threads) to 0.845 (1 thread), seed 1 0.850: a 1-4 point gap."""
     full, adapters = full_and_adapters
     assert adapters.after >= full.after - 0.03, f"full {full.after:.3f}, adapters {adapters.after:.3f}"
+
+
+def test_prefer_on_a_full_sft_run_saves_a_model_that_loads_back(tiny_base, tmp_path):
+    """DPO with LoRA from a full SFT run (--from): --out holds the new LoRA and, in start/, the
+    SFT weights it was trained on, so loading --out onto the plain base model is the trained
+    model (the LoRA alone on the plain base would be another model, silently)."""
+    finetune.finetune("full", "instruct", base=tiny_base, steps=2, n_train=8, n_test=11, batch_size=4,
+                      out=tmp_path / "sft", progress=False, measure_forgetting=False)
+    run = finetune.run("lora", "prefer", base=tiny_base, start_from=tmp_path / "sft", steps=2, n_train=8,
+                       n_test=11, batch_size=4, lr=1e-2, out=tmp_path / "dpo", progress=False,
+                       measure_forgetting=False)
+    assert (tmp_path / "dpo" / "start" / "adapter.safetensors").is_file()
+    back = protocol.load_adapter(finetune.load_base(tiny_base)[0], tmp_path / "dpo").eval()
+    x = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(back(x), run.model(x))
+    again = finetune.finetune("lora", "prefer", base=tiny_base, start_from=tmp_path / "dpo", steps=1, n_train=8,
+                              n_test=11, batch_size=4, progress=False, measure_forgetting=False)
+    assert again.extra["first_loss"] == pytest.approx(math.log(2), abs=1e-6)  # it continues from there

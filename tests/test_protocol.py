@@ -18,7 +18,8 @@ from minituner.heads import HeadConfig, add_head, apply_head, classify
 from minituner.model import ModelConfig, Transformer
 from minituner.protocol import (
     Injected, adapter_state_dict, applied, count_parameters, disable_adapters, find_modules, fingerprint,
-    freeze, load_adapter, mark_applied, memory_bytes, replace_module, save_adapter, trainable_parameters,
+    freeze, load_adapter, load_as_base, mark_applied, memory_bytes, replace_module, save_adapter,
+    trainable_parameters,
 )
 
 V, BLOCK, L, C = 64, 32, 2, 16
@@ -208,6 +209,39 @@ def test_save_then_load_onto_a_fresh_base_gives_identical_outputs(family, tmp_pa
         assert torch.equal(classify(fresh, x, mask), classify(model, x, mask))
     again = load_adapter(fresh, tmp_path / "ad")  # same techniques already applied: just loads
     assert again is fresh and len(applied(fresh)) == 2
+
+
+def test_an_adapter_on_a_full_fine_tune_carries_it_and_loads_back_exactly(tmp_path):
+    """DPO with LoRA on a full SFT model: the LoRA alone on the plain base would be a different
+    model with no error (the base's config, hence its fingerprint, is the same). The saved
+    adapter carries the full run in start/, and loading it onto the plain base gives back the
+    trained model exactly; onto a model that already has techniques it refuses."""
+    from minituner.full import apply_full
+    from minituner.lora import LoRAConfig, apply_lora
+
+    full = apply_full(tiny())
+    perturb(full, seed=3)  # the "SFT" weights
+    save_adapter(full, tmp_path / "sft")
+    model = apply_lora(load_as_base(tiny(), tmp_path / "sft"), LoRAConfig(r=2))
+    assert applied(model)[0]["technique"] == "lora" and count_parameters(model)[0] == 2 * 2 * 2 * (C + C)
+    perturb(model, seed=4)  # the "DPO" LoRA
+    save_adapter(model, tmp_path / "dpo")
+    assert json.loads((tmp_path / "dpo" / "adapter_config.json").read_text())["start"] == "start"
+    x = torch.randint(0, V, (2, 9))
+    back = load_adapter(tiny(), tmp_path / "dpo")
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+        lora_alone = apply_lora(tiny(), LoRAConfig(r=2))  # the LoRA tensors alone on the plain base
+        lora_alone.load_state_dict(adapter_state_dict(model), strict=False)
+        assert not torch.allclose(lora_alone(x), model(x), atol=1e-3)  # what loading gave before
+        with disable_adapters(back), disable_adapters(model):
+            assert torch.equal(back(x), model(x))  # disabled: the SFT model, DPO's reference
+    save_adapter(back, tmp_path / "again")  # a loaded model saves its start along again
+    assert torch.equal(load_adapter(tiny(), tmp_path / "again")(x), back(x))
+    with pytest.raises(ValueError, match="plain base model"):
+        load_adapter(apply_lora(tiny(), LoRAConfig(r=2)), tmp_path / "dpo")
+    with pytest.raises(ValueError, match="only a full fine-tuning run"):
+        load_as_base(tiny(), tmp_path / "dpo")
 
 
 def test_loading_onto_a_different_base_names_both(tmp_path):

@@ -8,6 +8,7 @@ data set             one example                                 used by
 ===================  ==========================================  =========================
 PackedLMDataset      input_ids (T,), labels (T,) = input_ids     pre-training
 ClassificationDataset input_ids (T,), labels () = class id       heads, adapters, LoRA
+                     (<bos> text, or the file's [CLS] text [SEP])
 SFTDataset           input_ids (T,), labels (T,), prompt = -100  instruction tuning
 PreferenceDataset    chosen_/rejected_ input_ids and labels      DPO, ORPO
 ===================  ==========================================  =========================
@@ -26,7 +27,8 @@ is tokenized at generation time. The special tokens ``<|system|>``, ``<|user|>``
 tokenizer does with them (``encode_with_specials``).
 
 Too long examples are never cut silently: ``overflow="error"`` (default) raises,
-``"truncate"`` keeps the first ``max_length`` tokens, ``"drop"`` leaves the example out; the
+``"truncate"`` keeps the first ``max_length`` tokens (a BERT input keeps its closing
+``[SEP]``), ``"drop"`` leaves the example out; the
 data set counts them (``n_truncated``, ``n_dropped``) and warns once with the counts. An
 empty data set is an error.
 
@@ -58,7 +60,8 @@ class DataError(ValueError):
 
 
 class TokenizerLike(Protocol):
-    """What the data sets need of ``minituner.tokenizer.Tokenizer``."""
+    """What the data sets need of ``minituner.tokenizer.Tokenizer`` (its ``template_ids``
+    too where it has them: read with ``getattr``, absent means none)."""
     pad_id: int | None
     bos_id: int | None
     eos_id: int | None
@@ -102,7 +105,8 @@ class _Fitted:
         self.name, self.max_length, self.overflow = name, max_length, overflow
         self.n_truncated = self.n_dropped = 0
 
-    def __call__(self, i: int, ids: list[int], labels: list[int] | None) -> tuple | None:
+    def __call__(self, i: int, ids: list[int], labels: list[int] | None, keep_end: int = 0) -> tuple | None:
+        """``keep_end``: the last tokens (BERT's [SEP]) survive truncation, the text before them is cut."""
         m = self.max_length
         if m is None or len(ids) <= m:
             return ids, labels
@@ -113,6 +117,11 @@ class _Fitted:
             self.n_dropped += 1  # dropped, or truncated down to no target at all
             return None
         self.n_truncated += 1
+        if keep_end:
+            if keep_end >= m:
+                raise DataError(f"{self.name}: max_length={m} cannot hold the {keep_end} closing special "
+                                f"tokens and any text; raise max_length")
+            return ids[:m - keep_end] + ids[-keep_end:], None
         return ids[:m], (labels[:m] if labels is not None else None)
 
     def report(self, n_kept: int) -> None:
@@ -188,18 +197,33 @@ class _TokenLabelDataset(torch.utils.data.Dataset):
         return {"input_ids": x, "labels": y}
 
 
+def classification_ids(tokenizer: TokenizerLike) -> tuple[list[int], list[int]]:
+    """``(before, after)``: the ids around a text that is fed to a model to classify, the
+    input the model saw in pre-training. A tokenizer whose file has a template that adds
+    special tokens gets its template (``tokenizer.template_ids``): ``[CLS] text [SEP]`` for
+    BERT/MiniLM, as transformers and sentence-transformers feed it. Otherwise ``<bos> text``:
+    our BPE and GPT-2, whose pre-training documents start with bos."""
+    template = getattr(tokenizer, "template_ids", None)
+    if template is not None:
+        return list(template[0]), list(template[1])
+    return [_special(tokenizer, "bos")], []
+
+
 class ClassificationDataset(_TokenLabelDataset):
     """``{"text", "label"}`` examples as ``{"input_ids": (T,), "labels": ()}`` with the text
-    encoded as ``<bos> text``. ``max_length`` and ``overflow`` as in the module docstring."""
+    encoded as ``before + encode(text) + after`` (``classification_ids``): ``<bos> text`` for
+    our BPE, ``[CLS] text [SEP]`` for BERT. ``max_length`` and ``overflow`` as in the module
+    docstring; truncation cuts the text and keeps ``after`` ([SEP]) at the end."""
 
     def __init__(self, examples: Sequence[Mapping[str, Any]], tokenizer: TokenizerLike,
                  max_length: int | None = None, overflow: str = "error") -> None:
         _nonempty(examples, "ClassificationDataset")
         fit = _Fitted("ClassificationDataset", max_length, overflow)
+        before, after = classification_ids(tokenizer)
         self.items = []
         for i, ex in enumerate(examples):
             text, label = _example_text(i, ex), _example_label(i, ex)  # check before encoding
-            got = fit(i, tokenizer.encode(text, add_bos=True), None)
+            got = fit(i, before + tokenizer.encode(text) + after, None, keep_end=len(after))
             if got is not None:
                 self.items.append((torch.tensor(got[0]), torch.tensor(label)))
         fit.report(len(self.items))

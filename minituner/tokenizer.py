@@ -23,7 +23,9 @@ What this layer adds over `tokenizers` is policy a training library needs:
 * special tokens are added explicitly. `add_bos` / `add_eos` prepend / append the BOS / EOS
   ids. `add_special_tokens=True` instead runs the file's post-processor, which for a BERT
   WordPiece file is the template `[CLS] text [SEP]` (what `transformers` does by default);
-  for BERT files bos/eos resolve to [CLS]/[SEP], so either route gives the same ids;
+  for BERT files bos/eos resolve to [CLS]/[SEP], so either route gives the same ids.
+  `template_ids` says what the post-processor adds around one text (None: nothing), so
+  data sets can feed each model the input it was trained on;
 * `bos_id`, `eos_id`, `pad_id` resolved from the vocabulary by their usual names. GPT-2 has
   no pad token; its EOS `<|endoftext|>` pads instead (the attention mask marks pads anyway).
 """
@@ -203,6 +205,22 @@ class Tokenizer:
         """Padding id: <|pad|>/[PAD]/<pad>, else the EOS id (GPT-2 style), else None."""
         i = self._first(_PAD_NAMES)
         return i if i is not None else self.eos_id
+
+    @property
+    def template_ids(self) -> tuple[list[int], list[int]] | None:
+        """`(before, after)`: the special ids the file's post-processor puts around one text,
+        `([101], [102])` for BERT's template `[CLS] $A [SEP]`; None when it adds none (a BPE
+        trained here, GPT-2). A model is fed `before + encode(text) + after`, which is
+        `encode(text, add_special_tokens=True)`; truncation cuts the text, never `after`."""
+        post = self._tok.post_processor
+        if post is None or post.num_special_tokens_to_add(False) == 0:
+            return None
+        probe = self._tok.encode("a", add_special_tokens=True)  # e.g. [CLS] a [SEP]
+        text = [k for k, s in enumerate(probe.sequence_ids) if s is not None]  # positions of "a"
+        if not text:
+            raise ValueError("the post-processor's template leaves no place for the text; "
+                             "check the tokenizer.json's post_processor")
+        return probe.ids[:text[0]], probe.ids[text[-1] + 1:]
 
     def _require(self, name: str, value: int | None) -> int:
         if value is None:

@@ -230,6 +230,28 @@ def test_minilm_ids_match_reference_tokenizers(minilm, minilm_dir):
     assert cut.num_truncated == 2
 
 
+def test_template_ids_bert(minilm):
+    """BERT's template `[CLS] $A [SEP]` gives ([101], [102]), and `before + encode + after`
+    is the post-processed encoding."""
+    assert minilm.template_ids == ([101], [102])
+    for s in SENTENCES:
+        assert [101] + minilm.encode(s) + [102] == minilm.encode(s, add_special_tokens=True)
+
+
+def test_template_ids_bpe_gpt2_llama(bpe, tmp_path):
+    """A trained BPE has no post-processor (None); GPT-2's ByteLevel one adds nothing (None);
+    a Llama-style template `<bos> $A` gives ([bos], [])."""
+    from tokenizers import processors
+
+    assert bpe.template_ids is None
+    for post, expected in ((processors.ByteLevel(trim_offsets=False), None),
+                           (processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 1)]),
+                            ([1], []))):
+        other = Tokenizer.load(bpe.save(tmp_path / "copy.json"))  # a copy: the fixture stays as it is
+        other.backend.post_processor = post
+        assert other.template_ids == expected
+
+
 def test_minilm_ignores_file_padding(minilm):
     """The file asks for fixed padding to 128 and truncation at 128; we do neither unasked."""
     long_text = "word " * 200

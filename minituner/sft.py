@@ -11,6 +11,17 @@ the language-modelling loss on the answer only (the prompt is given, not learned
 where R holds each answer's tokens and its <|eos|> (so the model learns to stop), summed over
 every example of the batch (a token-weighted mean, as TRL's SFTTrainer computes it).
 
+The answer's first word. A byte-level BPE (GPT-2's, ours) spells a word differently with and
+without its leading space, and running text puts a space before almost every word: our base
+model read " 66" and " good" (one token each) thousands of times in pre-training, but "66"
+and "good" (the digits "6" "6"; "g" "ood") almost never. An answer follows the template's
+newline, so encoded alone it would start with those rare spellings, and the model would have
+to learn to spell its first word anew. `as_word` writes each answer as running text writes a
+word, " 66"; the model then answers " 66" and the evaluators normalize the space away.
+Measured with the recipe (full, 300 steps, the 9 seen families): exact match 0.189 without
+the space, 0.322 with it (facts 0.00 -> 0.55: the answer reuses the token pre-training
+stored the fact under).
+
 Templates (`minituner.prompts`, re-exported by `world`): "alpaca" (### Instruction / ### Input /
 ### Response) and "chat" (<|system|> <|user|> <|assistant|> turns). `data.SFTDataset` builds
 (input_ids, labels) with the prompt's labels set to -100; `prompt_of` gives the same prompt text
@@ -62,6 +73,30 @@ def reference_of(example: Mapping[str, Any]) -> str:
     if "messages" in example:
         return [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"]
     return example["output"]
+
+
+# -- the answer as running text ------------------------------------------------------------------
+def as_word(text: str) -> str:
+    """`text` led by one space (unless it starts with whitespace already): the spelling the
+    base model's tokenizer gives a word inside running text, e.g. " 66", not "6" "6"."""
+    return text if text[:1].isspace() else " " + text
+
+
+def answers_as_words(examples: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("output",)) -> list[dict]:
+    """Copies of `examples` with `as_word` applied to each of `keys` ("output" of an
+    instruction; "chosen" and "rejected" of a preference pair) and to the content of every
+    assistant turn of a chat example."""
+    out = []
+    for e in examples:
+        e = dict(e)
+        if "messages" in e:
+            e["messages"] = [{**m, "content": as_word(m["content"])} if m["role"] == "assistant" else m
+                             for m in e["messages"]]
+        for k in keys:
+            if k in e:
+                e[k] = as_word(e[k])
+        out.append(e)
+    return out
 
 
 # -- the loss ------------------------------------------------------------------------------------
@@ -139,13 +174,16 @@ class PackedSFTDataset(torch.utils.data.Dataset):
 
 def sft_dataset(examples: Sequence[Mapping[str, Any]], tokenizer: TokenizerLike, max_length: int,
                 template: str = "alpaca", packing: bool = False, completion_only: bool = True,
-                system: str | None = DEFAULT_SYSTEM) -> torch.utils.data.Dataset:
+                system: str | None = DEFAULT_SYSTEM, words: bool = True) -> torch.utils.data.Dataset:
     """Instruction or chat examples as a training set: `SFTDataset` (prompt masked; examples
     longer than `max_length` dropped with a warning), packed into `max_length` rows if asked.
     `completion_only=False` puts the loss on the prompt's tokens too (plain language
-    modelling of the whole example, the ablation of masking the prompt)."""
+    modelling of the whole example, the ablation of masking the prompt). `words`: each
+    answer is encoded as a word of running text (`as_word`, see the module docstring)."""
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if words:
+        examples = answers_as_words(examples)
     ds = SFTDataset(examples, tokenizer, max_length=max_length, template=template, overflow="drop",
                     system=system)
     if not completion_only:  # every token after <bos> is a target
@@ -166,5 +204,6 @@ def exact_match(model: nn.Module, tokenizer, examples: Sequence[Mapping[str, Any
     prompts = [prompt_of(e, template, system) for e in examples]
     answers = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        progress=progress)
+    answers = [a[1:] if a.startswith(" ") else a for a in answers]  # the space `as_word` taught
     refs = [{"output": reference_of(e), "family": e.get("family", "data")} for e in examples]
     return {**evaluate_instructions(answers, refs), "answers": answers}

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from minituner import checkpoint, finetune
+from minituner import checkpoint, finetune, sft
 from minituner.__main__ import main
-from minituner.data import DataError
+from minituner.data import IGNORE_INDEX, DataError
 from minituner.finetune import Result
 from minituner.model import ModelConfig, Transformer
 from minituner.tokenizer import Tokenizer
@@ -94,6 +94,40 @@ def test_bad_jsonl_line_names_file_line_and_field(tiny_base, tmp_path):
 def test_head_cannot_generate(tiny_base):
     with pytest.raises(ValueError, match="head"):
         finetune.finetune("head", "instruct", base=tiny_base, steps=1, progress=False)
+
+
+def test_sft_answers_are_words_of_running_text():
+    """The base model's BPE (weights/base) spells "66" after the template's newline as the digits
+    "6" "6", and " 66" as one token, the one pre-training read in "He is 66 years old."; the SFT
+    data set trains the answer in the running-text spelling (sft.as_word), in the Alpaca and
+    the chat template alike, and exact_match hands back the answer without that space."""
+    tok = Tokenizer.load(checkpoint.find_base_model() / "tokenizer.json")
+    assert len(tok.encode("66")) == 2 and len(tok.encode(" 66")) == 1  # the premise
+    alpaca = {"instruction": "What is 40 plus 26?", "input": "", "output": "66"}
+    chat = {"messages": [{"role": "user", "content": "What is 40 plus 26?"}, {"role": "assistant", "content": "66"}]}
+    for template, ex in (("alpaca", alpaca), ("chat", chat)):
+        labels = sft.sft_dataset([ex], tok, 256, template=template)[0]["labels"]
+        assert labels[labels != IGNORE_INDEX].tolist() == tok.encode(" 66") + [tok.eos_id]
+    assert sft.as_word("66") == " 66" and sft.as_word(" 66") == " 66" and sft.as_word("\n66") == "\n66"
+    assert alpaca["output"] == "66"  # the caller's examples are left alone
+
+
+def test_prefer_trains_and_scores_answers_as_words(tiny_base, monkeypatch):
+    """The preference pairs reach PreferenceDataset with chosen and rejected spelled as the SFT
+    model learned its answers (" 66"), for training and for the held-out pairs alike."""
+    import minituner.data
+
+    seen = []
+
+    class Spy(minituner.data.PreferenceDataset):
+        def __init__(self, examples, *args, **kwargs):
+            seen.append(list(examples))
+            super().__init__(examples, *args, **kwargs)
+
+    monkeypatch.setattr(minituner.data, "PreferenceDataset", Spy)
+    finetune.finetune("lora", "prefer", base=tiny_base, steps=1, n_train=4, n_test=11, batch_size=4,
+                      progress=False, measure_forgetting=False)
+    assert len(seen) == 2 and all(e[k].startswith(" ") for ex in seen for e in ex for k in ("chosen", "rejected"))
 
 
 # -- prefer --------------------------------------------------------------------------------------

@@ -724,6 +724,7 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     import copy
     import functools
 
+    from . import sft
     from .data import PreferenceDataset
     from .dpo import dpo_step_loss, with_reference_logps
     from .evaluate import complete
@@ -738,12 +739,14 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     model, tok, keep_training = _start_model(method, base, start_from)
     train_ex, test_ex, world = prefer_data(data, eval_data, n_train=n_train, n_test=n_test, template=template)
     T, collate = model.config.block_size, Collator(tok.pad_id)
-    ds_train = PreferenceDataset(train_ex, tok, max_length=T, overflow="drop")
-    ds_test = PreferenceDataset(test_ex, tok, max_length=T)  # every test pair, or an error naming it
+    # the answers as words of running text (" 66", not "6" "6"), as the SFT model learned them (sft.as_word)
+    words = lambda ex: sft.answers_as_words(ex, keys=("chosen", "rejected"))  # noqa: E731
+    ds_train = PreferenceDataset(words(train_ex), tok, max_length=T, overflow="drop")
+    ds_test = PreferenceDataset(words(test_ex), tok, max_length=T)  # every test pair, or an error naming it
     prompts = [e["prompt"] for e in test_ex]
 
     # the starting model, measured (it is also DPO's reference)
-    answers_start = complete(model, tok, prompts, progress=progress)
+    answers_start = [a.removeprefix(" ") for a in complete(model, tok, prompts, progress=progress)]
     start_logps = pair_logprobs(model, ds_test, tok.pad_id)
     measure = measure_forgetting and world is not None
     start_forgetting = forgetting_measures(model, tok, world) if measure else None
@@ -782,7 +785,7 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     after_logps = pair_logprobs(model, ds_test, tok.pad_id)
     after = reward_accuracy(after_logps, start_logps if loss == "dpo" else None)
     before = None if loss == "dpo" else reward_accuracy(start_logps)
-    answers = complete(model, tok, prompts, progress=progress)
+    answers = [a.removeprefix(" ") for a in complete(model, tok, prompts, progress=progress)]
     refs = [{"chosen": e["chosen"]} for e in test_ex]
     extra = {"loss": loss, "beta": beta, "loss_type": loss_type if loss == "dpo" else None,
              "label_smoothing": label_smoothing, "start_from": None if start_from is None else str(start_from),

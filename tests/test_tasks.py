@@ -189,7 +189,7 @@ def test_balanced_takes_families_in_turn():
 
 
 # -- fidelity on the real base model (slow) ------------------------------------------------------
-SFT_RUN = dict(n_train=1800, n_test=220, steps=300, batch_size=8, packing=True, lr=1e-3, progress=False,
+SFT_RUN = dict(n_train=5400, n_test=220, steps=400, batch_size=8, packing=True, lr=1e-3, progress=False,
                measure_forgetting=False)
 
 
@@ -201,30 +201,36 @@ def sft_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap (issue 11): SFT raises exact match on the seen "
-                   "families by +0.19 (0.000 -> 0.189), not the +0.3 targeted")
 def test_sft_raises_exact_match_on_seen_families(sft_run):
     """Wei 2022: instruction tuning teaches the model to answer. Target (issue 11): exact match
     on the 9 seen families rises by at least 0.3 over the base model's, which continues the
     prompt as corpus text and scores 0.000 (220 test instructions, 20 per family).
 
-    Measured 2026-12-01 with exactly SFT_RUN (full, 300 steps of 8 packed rows, lr 1e-3,
-    1800 instructions; 2703 s of training on a machine loaded ~10x): seen 0.000 -> 0.189,
-    held-out 0.000 -> 0.025 (counting 0.55, yes_no 0.55, day_outcome 0.35, past_tense 0.20;
-    arithmetic, fact, sorting, reversing 0.00). THE 0.3 TARGET DOES NOT HOLD (+0.19): this
-    test is a strict xfail until the recipe trains longer or better (an earlier 150-step run
-    gave 0.122): when the target holds, the xfail fails and must be removed."""
+    Measured 2026-12-01 with exactly SFT_RUN (full, 400 steps of 8 packed rows, lr 1e-3, all
+    5400 training instructions; `OMP_NUM_THREADS=1 python -c "from minituner import finetune;
+    finetune.finetune('full', 'instruct', **SFT_RUN)"`: 446 s wall on the 2 shared cores at
+    load ~5, three such runs side by side; about half that, ~220 s, on 2 idle cores): seen 0.000 -> 0.372, held-out 0.000 ->
+    0.075 (counting 0.80, fact 0.65, day_outcome 0.50, yes_no 0.50, past_tense 0.45, extremum
+    0.35, arithmetic 0.05, sorting 0.05, reversing 0.00; comparison 0.15, negation 0.00).
+    The target holds since answers are trained as words of running text (sft.as_word): the
+    same recipe without it gave 0.189 (300 steps, 1800 instructions) and 0.261 (600 steps);
+    with it, 1800 instructions give 0.322 at 300 and at 500 steps (overfitting: 8 epochs),
+    5400 give 0.278 at 300 steps, 3600 give 0.339 at 400."""
     r, _ = sft_run
     assert r.extra["seen_before"] <= 0.05
     assert r.extra["seen_after"] - r.extra["seen_before"] >= 0.3, r.extra["by_family_after"]
 
 
+DPO_RUN = dict(n_train=1800, n_test=220, steps=200, batch_size=8, lr=1e-4, beta=0.1, progress=False,
+               measure_forgetting=False)
+
+
 @pytest.fixture(scope="module")
 def dpo_run(sft_run):
-    """DPO (LoRA r=8 on q/v) from the SFT model above, on the world's preference pairs."""
+    """DPO of the whole SFT model above (its log-probs as the reference, precomputed once: no
+    second model, no reference forward per step), on the world's preference pairs."""
     _, sft_dir = sft_run
-    return finetune.finetune("lora", "prefer", loss="dpo", start_from=sft_dir, n_train=900, n_test=220, steps=100,
-                             lr=1e-3, progress=False, measure_forgetting=False)
+    return finetune.finetune("full", "prefer", loss="dpo", **DPO_RUN, start_from=sft_dir)
 
 
 @pytest.mark.slow
@@ -235,18 +241,28 @@ def test_dpo_from_sft_starts_at_ln2(dpo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap (issue 11): reward accuracy 0.695 (target > 0.8) "
-                   "and judge win rate vs the SFT model 0.477 (target > 0.5)")
+@pytest.mark.xfail(strict=True, reason="known gap (issue 11): reward accuracy 0.791 (target > 0.8) "
+                   "and judge win rate vs the SFT model 0.470 (target > 0.5): DPO shortens the answers")
 def test_dpo_from_sft_learns_the_held_out_pairs(dpo_run):
-    """Rafailov 2023, Eq. 7: at the first step the policy is the reference, so every implicit
-    reward is 0 and L = -log sigma(0) = ln 2 (to 1e-6). Target: reward accuracy on held-out
-    pairs above 0.8 at the end, and the judge prefers the DPO model's answers to the SFT
-    model's (win rate above 0.5, ties counting one half).
+    """Target (issue 11): reward accuracy on held-out pairs above 0.8 at the end, and the judge
+    prefers the DPO model's answers to the SFT model's (win rate above 0.5, ties counting one
+    half).
 
-    Measured 2026-12-01 from the SFT run above (LoRA r=8 q/v, 100 steps of 8 pairs, lr 1e-3,
-    900 pairs): first loss 0.6931471825 (ln 2 = 0.6931471806: holds), reward accuracy on
-    220 held-out pairs 0.695, judge win rate vs the SFT model 0.477 (mean judge score
-    0.318 -> 0.227: lr 1e-3 hurts the answers). THE 0.8 AND 0.5 TARGETS DO NOT HOLD. From
-    the base model at lr 5e-4: reward accuracy 0.791 on 110 pairs, win rate 0.500."""
+    Measured 2026-12-01 with exactly DPO_RUN from the SFT_RUN model (`OMP_NUM_THREADS=1`, one
+    `finetune.finetune('full', 'prefer', loss='dpo', start_from=<SFT_RUN's out>, **DPO_RUN)`:
+    401 s wall at load ~5, so ~200 s on 2 idle cores): first loss 0.6931471825, reward
+    accuracy on the 220 held-out pairs 0.791, judge win rate vs the SFT model 0.470 (mean
+    judge score 0.636 -> 0.518). In the LoRA runs below, the held-out pairs whose rejected
+    answer is verbose reach reward accuracy 1.00 and those whose rejected answer is wrong
+    0.47-0.56 (chance). THE 0.8 AND 0.5 TARGETS DO NOT HOLD.
+    Why: the verbose pairs teach "shorter is better", and the policy stops its own answers
+    early (SFT 'Pia b yellow plate.' -> DPO 'Pia b yellow', a list -> ''), after as few as
+    20 steps (full, lr 5e-5, 200 pairs: win rate 0.486, judge 0.636 -> 0.582); on wrong pairs the implicit reward does not generalize to new
+    prompts, although a 300-step SFT model itself ranks chosen over a wrong answer on 0.62 of them.
+    Also measured (reward accuracy / win rate): from SFT_RUN, LoRA r=8 q/v lr 1e-3 200 steps
+    0.727 / 0.470, full lr 5e-5 300 steps 2400 pairs 0.777 / 0.470; from a 300-step SFT
+    (seen 0.322), LoRA lr 5e-4 100 steps 900 pairs 0.718 / 0.495, LoRA lr 1e-3 200 steps
+    0.764 / 0.489, LoRA lr 5e-4 beta 0.5 200 steps 0.764 / 0.493, full lr 5e-5 200 steps
+    0.800 / 0.491 (0.8 not exceeded)."""
     assert dpo_run.after > 0.8
     assert dpo_run.extra["win_rate_vs_start"] > 0.5

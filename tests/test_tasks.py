@@ -209,7 +209,9 @@ def test_sft_raises_exact_match_on_seen_families(sft_run):
     Measured 2026-12-01 with exactly SFT_RUN (full, 400 steps of 8 packed rows, lr 1e-3, all
     5400 training instructions; `OMP_NUM_THREADS=1 python -c "from minituner import finetune;
     finetune.finetune('full', 'instruct', **SFT_RUN)"`: 446 s wall on the 2 shared cores at
-    load ~5, three such runs side by side; about half that, ~220 s, on 2 idle cores): seen 0.000 -> 0.372, held-out 0.000 ->
+    load ~5, three such runs side by side; `OMP_NUM_THREADS=1 pytest -q tests/test_tasks.py -m
+    slow` then took 185 s for this fixture and 135 s for dpo_run at load ~3, so about half of
+    the 320 s, ~160 s for both, on 2 idle cores): seen 0.000 -> 0.372, held-out 0.000 ->
     0.075 (counting 0.80, fact 0.65, day_outcome 0.50, yes_no 0.50, past_tense 0.45, extremum
     0.35, arithmetic 0.05, sorting 0.05, reversing 0.00; comparison 0.15, negation 0.00).
     The target holds since answers are trained as words of running text (sft.as_word): the

@@ -860,6 +860,8 @@ def add_arguments(parser, number: Callable | None = None) -> None:
     parser.add_argument("--reduction-factor", type=count, default=16, help="adapters: bottleneck m = d / this")
     parser.add_argument("--r", type=count, default=8, help="lora: rank r of the update B A")
     parser.add_argument("--alpha", type=rate, default=16, help="lora: the update is scaled by alpha / r")
+    parser.add_argument("--rslora", action="store_true",
+                        help="lora: scale by alpha / sqrt(r) instead (rank-stabilized LoRA, Kalajdzievski 2023)")
     parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
                         help="lora: module names (or one regular expression) to adapt")
     parser.add_argument("--num-virtual-tokens", type=count, default=None,
@@ -895,11 +897,13 @@ def config_from_args(args) -> Any:
     if args.method == "lora":
         from .lora import LoRAConfig
 
-        return LoRAConfig(r=args.r, alpha=args.alpha, target_modules=tuple(args.target_modules))
+        return LoRAConfig(r=args.r, alpha=args.alpha, target_modules=tuple(args.target_modules),
+                          use_rslora=args.rslora)
     if args.method == "qlora":
         from .qlora import QLoRAConfig
 
-        return QLoRAConfig(r=args.r, alpha=args.alpha, target_modules=tuple(args.target_modules))
+        return QLoRAConfig(r=args.r, alpha=args.alpha, target_modules=tuple(args.target_modules),
+                           use_rslora=args.rslora)
     if args.method in ("prompt", "prefix"):
         config_cls = METHODS[args.method].config_class()
         n = args.num_virtual_tokens

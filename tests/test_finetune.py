@@ -175,6 +175,20 @@ def test_cli_end_to_end(tiny_base, tmp_path, capsys):
     assert (tmp_path / "out" / "adapter.safetensors").is_file()
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_cli_lora_options_reach_the_config(method):
+    """--r, --alpha, --target-modules and --rslora become the LoRA config the run applies."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    finetune.add_arguments(parser)
+    args = parser.parse_args(["--method", method, "--r", "4", "--alpha", "8", "--target-modules", "q_proj",
+                              "k_proj", "--rslora"])
+    config = finetune.config_from_args(args)
+    assert (config.r, config.alpha, config.target_modules, config.use_rslora) == (4, 8, ("q_proj", "k_proj"), True)
+    assert finetune.config_from_args(parser.parse_args(["--method", method])).use_rslora is False
+
+
 def test_cli_trains_on_the_users_jsonl(tiny_base, tmp_path, capsys):
     rows = [{"text": f"the sky is {c} today number {i}", "label": c}
             for i in range(30) for c in ("blue", "grey")]

@@ -746,7 +746,7 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     prompts = [e["prompt"] for e in test_ex]
 
     # the starting model, measured (it is also DPO's reference)
-    answers_start = [a.removeprefix(" ") for a in complete(model, tok, prompts, progress=progress)]
+    answers_start = [sft.from_word(a) for a in complete(model, tok, prompts, progress=progress)]
     start_logps = pair_logprobs(model, ds_test, tok.pad_id)
     measure = measure_forgetting and world is not None
     start_forgetting = forgetting_measures(model, tok, world) if measure else None
@@ -785,7 +785,7 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     after_logps = pair_logprobs(model, ds_test, tok.pad_id)
     after = reward_accuracy(after_logps, start_logps if loss == "dpo" else None)
     before = None if loss == "dpo" else reward_accuracy(start_logps)
-    answers = [a.removeprefix(" ") for a in complete(model, tok, prompts, progress=progress)]
+    answers = [sft.from_word(a) for a in complete(model, tok, prompts, progress=progress)]
     refs = [{"chosen": e["chosen"]} for e in test_ex]
     extra = {"loss": loss, "beta": beta, "loss_type": loss_type if loss == "dpo" else None,
              "label_smoothing": label_smoothing, "start_from": None if start_from is None else str(start_from),

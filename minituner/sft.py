@@ -82,6 +82,11 @@ def as_word(text: str) -> str:
     return text if text[:1].isspace() else " " + text
 
 
+def from_word(answer: str) -> str:
+    """A generated answer without the one leading space `as_word` taught the model to write."""
+    return answer.removeprefix(" ")
+
+
 def answers_as_words(examples: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("output",)) -> list[dict]:
     """Copies of `examples` with `as_word` applied to each of `keys` ("output" of an
     instruction; "chosen" and "rejected" of a preference pair) and to the content of every
@@ -204,6 +209,6 @@ def exact_match(model: nn.Module, tokenizer, examples: Sequence[Mapping[str, Any
     prompts = [prompt_of(e, template, system) for e in examples]
     answers = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        progress=progress)
-    answers = [a[1:] if a.startswith(" ") else a for a in answers]  # the space `as_word` taught
+    answers = [from_word(a) for a in answers]  # without the space `as_word` taught
     refs = [{"output": reference_of(e), "family": e.get("family", "data")} for e in examples]
     return {**evaluate_instructions(answers, refs), "answers": answers}

@@ -114,7 +114,7 @@ class PrefixConfig:
                              "init_weights=None")
 
 
-_ATTN_ARGS = ("x", "mask", "is_causal", "rope", "prefix", "cache", "layer")  # Attention.forward's
+_ATTN_ARGS = ("x", "mask", "is_causal", "rope", "prefix", "cache", "layer", "rows")  # Attention.forward's
 
 
 class Prefix(Injected):
@@ -162,7 +162,7 @@ class Prefix(Injected):
             self._kv = None  # hold no graph between calls
         a = {**dict(zip(_ATTN_ARGS, args)), **kwargs}
         x, mask, prefix = a["x"], a.get("mask"), a.get("prefix")
-        T, P = x.shape[1], pk.shape[2]
+        T, P = (a["rows"].T if a.get("rows") is not None else x.shape[1]), pk.shape[2]  # x: (B, T, C) or (N, C)
         if prefix is not None:  # the caller's prefix_kv stays, after ours
             ck, cv = prefix  # (B|1, H_kv, P_c, D) each
             pk = torch.cat((pk.to(ck.dtype).expand(ck.shape[0], -1, -1, -1), ck), dim=2)  # (B|1, H_kv, P+P_c, D)

@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import copy  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -350,6 +351,70 @@ def test_padding_never_changes_real_positions(family, side, lens, pads, seed):
         out = m(x, attention_mask=mask)
         for i, r in enumerate(rows):
             torch.testing.assert_close(out[i, where[i]], m(r[None])[0], atol=1e-5, rtol=0)
+
+
+def plain_path(m: Transformer):
+    """The model with the padding-skipping fast path off (every position computed)."""
+    class Plain:
+        def __enter__(self):
+            m.skip_padding = False
+            return m
+
+        def __exit__(self, *exc):
+            del m.skip_padding  # back to the class default
+
+    return Plain()
+
+
+@settings(max_examples=30, deadline=None)
+@given(family=st.sampled_from(FAMILIES), B=st.integers(1, 4), T=st.integers(1, 9),
+       pattern=st.sampled_from(["right", "left", "any"]), seed=st.integers(0, 999))
+def test_skipping_padding_equals_the_plain_path(family, B, T, pattern, seed):
+    """The CPU fast path (token-wise layers on the real tokens only; a causal right-padded batch
+    without a mask) gives the plain path's outputs and gradients at every real position, and
+    zeros at the pads. Masks: right- or left-padded, or holes anywhere (a row may be all pads)."""
+    m = copy.deepcopy(tiny(family)).train()
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, T + 1, (B,), generator=g)
+    t = torch.arange(T)[None]
+    mask = {"right": t < lens[:, None], "left": t >= T - lens[:, None],
+            "any": torch.rand(B, T, generator=g) < 0.6}[pattern].long()  # (B, T)
+    x = ids(B, T, seed)
+    weights = torch.randn(*x.shape, m.config.vocab_size if m.config.lm_head else m.config.n_embd, generator=g)
+
+    def run():
+        m.zero_grad()
+        out = m(x, attention_mask=mask)  # (B, T, V | C)
+        (out * weights * mask[..., None]).sum().backward()  # a loss over the real positions only
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = run()
+    with plain_path(m):
+        plain, plain_grads = run()
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], plain[real], atol=1e-5, rtol=1e-5)
+    assert (fast[~real] == 0).all()  # pad positions: zeros, not values that look real
+    assert fast_grads.keys() == plain_grads.keys()
+    for n in fast_grads:
+        torch.testing.assert_close(fast_grads[n], plain_grads[n], atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_skipping_padding_runs_the_layers_on_real_tokens_only():
+    """What makes the fast path fast: the MLP sees N real rows, not B * T; without padding, or
+    with a KV cache, every position runs as before."""
+    m = tiny("llama")
+    seen = []
+    hook = m.blocks[0].mlp.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    try:
+        x = ids(3, 5, 0)
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+        with torch.no_grad():
+            m(x, attention_mask=mask)
+            m(x, attention_mask=torch.ones_like(mask))
+            m.generate(x[:, :2], max_new_tokens=1, attention_mask=mask[:, :2])
+        assert seen[0] == (12, 16) and seen[1] == (3, 5, 16) and len(seen[2]) == 3
+    finally:
+        hook.remove()
 
 
 @settings(max_examples=15)

@@ -23,7 +23,8 @@ methods   training tokens/s of every method of the recipe relative to full fine-
 peft      LoRA ours vs Hugging Face transformers + PEFT on the same model, batch and LoRA
           config: training tokens/s of the causal LM loss (forward, cross-entropy over the
           real tokens, backward, clip, AdamW), target >= 1.2x (issue 9); and inference with
-          the LoRA merged into the weights vs the base model without LoRA, target >= 0.98x.
+          the LoRA merged into the weights (`lora.merge_and_unload`, as deployed) vs the base
+          model without LoRA, target >= 0.98x.
           The Hugging Face model is ours written by `checkpoint.save_hf` and loaded by
           `transformers` (the same weights; its logits equal ours). Two models: the base
           (GPT-2 family; PEFT adapts the fused c_attn, ours q_proj, k_proj, v_proj, both at
@@ -62,7 +63,7 @@ import torch
 from minituner import checkpoint, finetune, heads, protocol, train
 from minituner.adapters import AdapterConfig
 from minituner.data import IGNORE_INDEX, Collator
-from minituner.lora import LoRAConfig, apply_lora, merge_lora
+from minituner.lora import LoRAConfig, apply_lora, merge_and_unload
 from minituner.model import Transformer
 from minituner.world import CLASS_NAMES, World
 
@@ -264,7 +265,7 @@ def peft_suite(args: argparse.Namespace, device: torch.device) -> None:
             for n, p in merged.named_parameters():
                 if "lora_B" in n:
                     p.normal_(std=0.02)
-        merged = merge_lora(merged).eval()
+        merged = merge_and_unload(merged).eval()  # W0 + ΔW in plain nn.Linear layers, as deployed
 
         def infer(m: torch.nn.Module) -> Callable[[], None]:
             return torch.no_grad()(lambda: m(batch["input_ids"], attention_mask=batch["attention_mask"]))

@@ -248,6 +248,19 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """`merge_lora`, then every LoRA layer replaced by its base `nn.Linear` holding W0 + ΔW
+    (PEFT's `merge_and_unload`): the model is the base architecture again, module for module,
+    for deployment. The adapters are gone: no unmerge, no set_adapter (keep a copy for that)."""
+    merge_lora(model)  # refuses, changing nothing, what cannot be merged
+    for name, m in lora_layers(model):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, m.base)  # W0 + ΔW, or W0 (inactive)
+    model.minituner_techniques = [t for t in getattr(model, "minituner_techniques", []) if t["technique"] != "lora"]
+    return model
+
+
 # ================================================================================ PEFT's format
 # adapter_config.json + adapter_model.safetensors, keyed `base_model.model.<HF module>.lora_A.weight`
 # (lora_A (R, in), lora_B (out, R), also for GPT-2's Conv1D layers). Module names map to

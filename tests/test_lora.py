@@ -24,6 +24,7 @@ from minituner.lora import (
     LoRALinear,
     apply_lora,
     load_peft,
+    merge_and_unload,
     merge_lora,
     save_peft,
     set_adapter,
@@ -183,6 +184,26 @@ def test_merged_logits_equal_unmerged(family):
             model(x)  # merged weights cannot give the base back
         unmerge_lora(model)
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_and_unload_leaves_the_base_architecture_with_the_merged_weights(family):
+    """PEFT's merge_and_unload: no LoRA module is left, the state dict has exactly the base
+    model's keys and shapes, the logits are the adapted model's; refusing changes nothing."""
+    base = tiny(family)
+    model = randomize(apply_lora(copy.deepcopy(base), LoRAConfig(r=4, target_modules=r".*\.(q_proj|v_proj|fc|up_proj)")))
+    x = ids()
+    with torch.no_grad():
+        want = model(x)
+        merge_and_unload(model)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    assert applied(model) == []
+    tied = randomize(apply_lora(tiny("gpt2"), LoRAConfig(target_modules=("q_proj", "lm_head"))))
+    with pytest.raises(ValueError, match="lm_head.*shared with"):
+        merge_and_unload(tied)
+    assert sum(isinstance(m, LoRALinear) for m in tied.modules()) == 3  # q_proj x 2 layers, lm_head
 
 
 def test_merge_refuses_nan_inf_and_names_the_module():

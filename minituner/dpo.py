@@ -8,6 +8,8 @@ Papers
 - Zhao et al. 2023, "SLiC-HF", arXiv:2305.10425 (the hinge loss).
 - Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
   Preferences" (IPO), arXiv:2310.12036.
+- Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733, Eq. 3
+  (DPO + NLL, TRL's `rpo_alpha`).
 
 For a prompt x with a chosen answer y_w and a rejected one y_l, the policy pi_theta and a
 frozen reference pi_ref (the model DPO starts from) define each answer's implicit reward,
@@ -26,6 +28,11 @@ the chosen answer, down on the rejected one, weighted by how wrong the implicit 
     sigmoid  -(1 - eps) log sigma(beta Delta) - eps log sigma(-beta Delta)   (eps = label_smoothing: cDPO)
     hinge    max(0, 1 - beta Delta)                                          (SLiC)
     ipo      (Delta - 1 / (2 beta))^2, Delta from LENGTH-AVERAGED log-probs  (IPO Eq. 17, tau = beta)
+
+DPO alone may lower the chosen answer's likelihood too, as long as the rejected one falls
+faster; Pang et al. add the chosen answer's negative log-likelihood per token (`rpo_alpha`):
+
+    L = L_DPO + alpha * ( -sum_w log pi_theta(y_w | x) / sum_w |y_w| )             (Pang Eq. 3)
 
 The reference costs no second model when the policy is an adapter (LoRA, adapters, prefix):
 the same weights under `protocol.disable_adapters(model)` ARE the base model. When the whole
@@ -134,7 +141,7 @@ def with_reference_logps(model: nn.Module, examples, collate_fn, batch_size: int
 def dpo_step_loss(model: nn.Module, batch: dict[str, torch.Tensor], beta: float = 0.1,
                   loss_type: str = "sigmoid", label_smoothing: float = 0.0, *,
                   reference: nn.Module | None = None, pad_id: int = 0,
-                  chunk_size: int | None = None) -> tuple[torch.Tensor, dict]:
+                  chunk_size: int | None = None, rpo_alpha: float | None = None) -> tuple[torch.Tensor, dict]:
     """`loss_fn(model, batch)` for `train.train` (bind the hyper-parameters with
     functools.partial): DPO's batch-mean loss over the preference pairs and its metrics.
 
@@ -142,8 +149,11 @@ def dpo_step_loss(model: nn.Module, batch: dict[str, torch.Tensor], beta: float 
     from, in this order: the batch's `ref_chosen_logps`/`ref_rejected_logps` (B,) columns
     (`with_reference_logps`), else `reference` (a frozen model) under no_grad, else `model`
     itself under `disable_adapters` (the adapter's base: no second copy of the weights).
-    Metrics add `logps/chosen`, `logps/rejected` (policy sums, batch means).
+    Metrics add `logps/chosen`, `logps/rejected` (policy sums, batch means). `rpo_alpha`
+    adds alpha times the chosen answers' NLL per token (Pang Eq. 3; metric `nll_loss`).
     """
+    if rpo_alpha is not None and rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0 (or None: plain DPO), got {rpo_alpha}")
     policy = concatenated_logprobs(model, batch, pad_id=pad_id, chunk_size=chunk_size)
     if all(k in batch for k in REF_KEYS):
         ref_chosen, ref_rejected = (batch[k].float() for k in REF_KEYS)  # (B,), precomputed
@@ -160,6 +170,10 @@ def dpo_step_loss(model: nn.Module, batch: dict[str, torch.Tensor], beta: float 
         nc, nr = policy["chosen_tokens"].clamp(min=1), policy["rejected_tokens"].clamp(min=1)
         pc, pr, ref_chosen, ref_rejected = pc / nc, pr / nr, ref_chosen / nc, ref_rejected / nr
     loss, metrics = dpo_loss(pc, pr, ref_chosen, ref_rejected, beta, loss_type, label_smoothing)
+    if rpo_alpha is not None:  # NLL of the chosen answers, per token over the batch (Pang Eq. 3)
+        nll = -policy["chosen_logps"].sum() / policy["chosen_tokens"].sum().clamp(min=1)
+        loss = loss + rpo_alpha * nll
+        metrics["nll_loss"] = nll.detach()
     metrics["logps/chosen"] = policy["chosen_logps"].detach().mean()
     metrics["logps/rejected"] = policy["rejected_logps"].detach().mean()
     return loss, metrics

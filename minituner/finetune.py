@@ -404,7 +404,7 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
         eval_data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
         measure_forgetting: bool = True, progress: bool = True, template: str = "alpaca",
         packing: bool = False, completion_only: bool = True, loss: str = "dpo", beta: float = 0.1,
-        loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+        loss_type: str = "sigmoid", label_smoothing: float = 0.0, rpo_alpha: float | None = None,
         start_from: str | os.PathLike | None = None, **train_kwargs: Any) -> Run:
     """Fine-tune the base model with `method` on `task` and measure it; see the module docstring.
 
@@ -416,7 +416,8 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
     Task "instruct" (`sft.py`): `template` ("alpaca" | "chat"), `packing` and
     `completion_only` (False: the loss on the prompt too); `data` is an
     Alpaca or chat-messages JSONL. Task "prefer": `loss` ("dpo" | "orpo") with `beta`, DPO's
-    `loss_type` ("sigmoid" | "hinge" | "ipo") and `label_smoothing` (cDPO);
+    `loss_type` ("sigmoid" | "hinge" | "ipo"), `label_smoothing` (cDPO) and `rpo_alpha` (+ the
+    chosen answers' NLL, Pang 2024);
     `start_from` is a directory the recipe wrote (`out`) to start from, e.g. an SFT run;
     `data` is a preference JSONL. See `_run_instruct` and `_run_prefer`.
     """
@@ -434,7 +435,8 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
                       seed=seed, n_train=n_train, n_test=n_test, data=data, eval_data=eval_data, out=out,
                       measure_forgetting=measure_forgetting, progress=progress, template=template,
                       packing=packing, completion_only=completion_only, loss=loss, beta=beta,
-                      loss_type=loss_type, label_smoothing=label_smoothing, start_from=start_from, start=start,
+                      loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha,
+                      start_from=start_from, start=start,
                       train_kwargs=train_kwargs)
     spec = METHODS[method]
     torch.manual_seed(seed)
@@ -710,7 +712,7 @@ def _start_model(method: str, base, start_from) -> tuple[nn.Module, Tokenizer, b
 
 def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_train, n_test, data,
                 eval_data, out, measure_forgetting, progress, template, loss, beta, loss_type, label_smoothing,
-                start_from, start, train_kwargs, **_: Any) -> Run:
+                start_from, start, train_kwargs, rpo_alpha=None, **_: Any) -> Run:
     """Preference tuning (dpo.py, orpo.py) from the base or from a saved run (an SFT model).
 
     DPO's reference is the starting model: the policy's base under `disable_adapters` when a
@@ -732,9 +734,9 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
 
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
-    if loss != "dpo" and (loss_type != "sigmoid" or label_smoothing):
-        raise ValueError(f"loss_type={loss_type!r} / label_smoothing={label_smoothing} are DPO's; "
-                         f"--loss {loss} has neither")
+    if loss != "dpo" and (loss_type != "sigmoid" or label_smoothing or rpo_alpha is not None):
+        raise ValueError(f"loss_type={loss_type!r} / label_smoothing={label_smoothing} / rpo_alpha={rpo_alpha} "
+                         f"are DPO's; --loss {loss} has none of them (ORPO has its own NLL term)")
     torch.manual_seed(seed)
     model, tok, keep_training = _start_model(method, base, start_from)
     train_ex, test_ex, world = prefer_data(data, eval_data, n_train=n_train, n_test=n_test, template=template)
@@ -765,7 +767,8 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
         train_items = with_reference_logps(model, ds_train, collate, batch_size=16)
     if loss == "dpo":
         step_loss = functools.partial(dpo_step_loss, beta=beta, loss_type=loss_type,
-                                      label_smoothing=label_smoothing, reference=reference, pad_id=tok.pad_id)
+                                      label_smoothing=label_smoothing, reference=reference, pad_id=tok.pad_id,
+                                      rpo_alpha=rpo_alpha)
     else:
         step_loss = functools.partial(orpo_step_loss, beta=beta, pad_id=tok.pad_id)
     tokens: list[torch.Tensor] = []
@@ -788,7 +791,8 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     answers = [sft.from_word(a) for a in complete(model, tok, prompts, progress=progress)]
     refs = [{"chosen": e["chosen"]} for e in test_ex]
     extra = {"loss": loss, "beta": beta, "loss_type": loss_type if loss == "dpo" else None,
-             "label_smoothing": label_smoothing, "start_from": None if start_from is None else str(start_from),
+             "label_smoothing": label_smoothing, "rpo_alpha": rpo_alpha,
+             "start_from": None if start_from is None else str(start_from),
              "first_loss": history[0]["loss"] if history else None,
              "win_rate_vs_start": win_rate(answers, refs, against=answers_start),
              "win_rate_vs_rejected": win_rate(answers, test_ex),
@@ -879,6 +883,8 @@ def add_arguments(parser, number: Callable | None = None) -> None:
                         help="prefer, dpo: sigmoid (DPO Eq. 7), hinge (SLiC), ipo (IPO, length-averaged)")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
                         help="prefer, dpo sigmoid: cDPO's assumed fraction of flipped labels, in [0, 0.5)")
+    parser.add_argument("--rpo-alpha", type=float, default=None,
+                        help="prefer, dpo: add this times the chosen answers' NLL per token (Pang 2024; TRL's rpo_alpha)")
     parser.add_argument("--from", dest="start_from", default=None, metavar="DIR",
                         help="prefer: start from a run saved with --out (e.g. --task instruct)")
     parser.add_argument("--no-forgetting", action="store_true", help="skip the perplexity/fact-recall measures")
@@ -919,7 +925,7 @@ def cli(args) -> int:
                       eval_data=args.eval_data, out=args.out, measure_forgetting=not args.no_forgetting,
                       progress=not args.quiet, template=args.template, packing=args.packing,
                       loss=args.loss, beta=args.beta, loss_type=args.loss_type,
-                      label_smoothing=args.label_smoothing, start_from=args.start_from)
+                      label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha, start_from=args.start_from)
     print(table([result]))
     if args.out:
         print(f"wrote {Path(args.out) / 'result.json'} and the trained tensors (adapter.safetensors)")

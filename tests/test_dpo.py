@@ -214,14 +214,15 @@ def test_ipo_step_loss_uses_length_averaged_logprobs():
 
 
 # ---------------------------------------------------------------------------- parity with TRL
-def _trl_dpo(model, inputs, beta: float, loss_type: str, ref_model=None):
+def _trl_dpo(model, inputs, beta: float, loss_type: str | list, ref_model=None, loss_weights=None):
     """TRL 1.16's own DPOTrainer._compute_loss, with the trainer built minimally: the attributes
     its __init__ sets from a real DPOConfig, a single-process accelerator stand-in."""
     trl = pytest.importorskip("trl")
     assert trl.__version__.startswith("1.16"), trl.__version__
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir="unused", beta=beta, loss_type=[loss_type], report_to=[], use_cpu=True, bf16=False,
+    args = DPOConfig(output_dir="unused", beta=beta, loss_type=loss_type if isinstance(loss_type, list) else [loss_type],
+                     loss_weights=loss_weights, report_to=[], use_cpu=True, bf16=False,
                      precompute_ref_log_probs=ref_model is None)
     trainer = object.__new__(DPOTrainer)
     identity = lambda x: x  # noqa: E731 (one process: gathering is the identity)
@@ -278,6 +279,42 @@ def test_equals_trl_dpo_trainer_on_fixed_tensors(loss_type):
     if loss_type != "ipo":  # TRL's reward metrics are over sums
         for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
             assert abs(m[k].item() - trl_m[k]) < 1e-6, k
+
+
+def test_rpo_adds_the_chosen_nll_per_token_and_equals_trl_sigmoid_plus_sft():
+    """DPO + alpha * NLL (Pang 2024, Eq. 3). TRL 1.16 writes it loss_type=["sigmoid", "sft"],
+    loss_weights=[1, alpha]: its "sft" term is the mean of the chosen answers' per-token
+    log-probs over ALL the batch's chosen tokens (not a mean of per-answer means). Fixed
+    tensors through TRL's code path, within 1e-6; then dpo_step_loss on a tiny model adds
+    exactly alpha times -sum(chosen log-probs) / sum(chosen tokens)."""
+    B, T, beta, alpha = 4, 9, 0.2, 0.7
+    g = torch.Generator().manual_seed(1)
+    per_token = -3 * torch.rand(2 * B, T - 1, generator=g)  # (2B, T-1)
+    completion = torch.zeros(2 * B, T, dtype=torch.long)
+    for i, (start, end) in enumerate([(3, 9), (4, 7), (2, 9), (5, 8)] * 2):  # unequal answer lengths
+        completion[i, start:end] = 1
+    ref = -30 * torch.rand(2 * B, generator=g)
+    inputs = {"input_ids": torch.randint(0, V, (2 * B, T), generator=g),
+              "attention_mask": torch.ones(2 * B, T, dtype=torch.long), "completion_mask": completion,
+              "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:]}
+    trl_loss, _ = _trl_dpo(_FixedLogProbs(per_token), inputs, beta, ["sigmoid", "sft"], loss_weights=[1.0, alpha])
+    mask = completion[:, 1:].float()
+    sums, n = (per_token * mask).sum(1), mask.sum(1)
+    dpo, _ = dpo_loss(sums[:B], sums[B:], ref[:B], ref[B:], beta=beta)
+    nll = -sums[:B].sum() / n[:B].sum()  # per token over the batch's chosen tokens
+    assert abs((dpo + alpha * nll).item() - trl_loss.item()) < 1e-6
+
+    base = tiny()
+    policy, batch = trained_lora(base), pair_batch(B=3)
+    plain, _ = dpo_step_loss(policy, batch, beta=beta)
+    with_nll, m = dpo_step_loss(policy, batch, beta=beta, rpo_alpha=alpha)
+    with torch.no_grad():
+        p = concatenated_logprobs(policy, batch)
+    want = -p["chosen_logps"].sum() / p["chosen_tokens"].sum()
+    torch.testing.assert_close(m["nll_loss"], want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(with_nll.detach(), plain.detach() + alpha * want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="rpo_alpha must be >= 0"):
+        dpo_step_loss(policy, batch, rpo_alpha=-1.0)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])

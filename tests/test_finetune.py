@@ -266,3 +266,18 @@ def test_prefer_on_a_full_sft_run_saves_a_model_that_loads_back(tiny_base, tmp_p
     again = finetune.finetune("lora", "prefer", base=tiny_base, start_from=tmp_path / "dpo", steps=1, n_train=8,
                               n_test=11, batch_size=4, progress=False, measure_forgetting=False)
     assert again.extra["first_loss"] == pytest.approx(math.log(2), abs=1e-6)  # it continues from there
+
+
+def test_cli_rpo_alpha_reaches_the_dpo_loss(tiny_base, tmp_path):
+    """--rpo-alpha adds the chosen answers' NLL to DPO (Pang 2024): the first step's loss is
+    ln 2 plus alpha times a positive NLL, and result.json records alpha; ORPO refuses it (it
+    has its own NLL term)."""
+    rc = main(["finetune", "--method", "lora", "--task", "prefer", "--base", str(tiny_base), "--steps", "1",
+               "--n-train", "8", "--n-test", "11", "--batch-size", "4", "--rpo-alpha", "0.5",
+               "--out", str(tmp_path / "o"), "--quiet", "--no-forgetting"])
+    assert rc == 0
+    r = Result.from_json((tmp_path / "o" / "result.json").read_text())
+    assert r.extra["rpo_alpha"] == 0.5 and r.extra["first_loss"] > math.log(2) + 0.1
+    with pytest.raises(ValueError, match="ORPO has its own NLL"):
+        finetune.finetune("lora", "prefer", base=tiny_base, loss="orpo", rpo_alpha=0.5, steps=1, n_train=8,
+                          n_test=11, progress=False, measure_forgetting=False)

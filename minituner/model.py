@@ -292,8 +292,8 @@ class Rows:
         return x.reshape(self.B * self.T, *x.shape[2:]).index_select(0, self.index)  # (N, ...)
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(self.B * self.T, *x.shape[1:])
-        return out.index_copy(0, self.index, x).view(self.B, self.T, *x.shape[1:])  # (B, T, ...)
+        out = x.new_zeros(self.B * self.T, *x.shape[1:])  # in place: out-of-place index_copy is ~10x slower on the CPU
+        return out.index_copy_(0, self.index, x).view(self.B, self.T, *x.shape[1:])  # (B, T, ...)
 
 
 class Attention(nn.Module):

@@ -70,6 +70,7 @@ from minituner.world import CLASS_NAMES, World
 SUITES = ("methods", "peft", "sft", "dpo")
 TARGETS = {"adapters": 1.5, "head": 20.0, "lora train": 1.2, "merged": 0.98, "dpo": 1.5}
 GRAD_CLIP = train.TrainConfig().grad_clip  # the recipe clips by global norm
+INFER_REPEATS = 3  # forwards per timed inference call
 
 
 # -- timing ----------------------------------------------------------------------------------------
@@ -267,8 +268,12 @@ def peft_suite(args: argparse.Namespace, device: torch.device) -> None:
                     p.normal_(std=0.02)
         merged = merge_and_unload(merged).eval()  # W0 + ΔW in plain nn.Linear layers, as deployed
 
-        def infer(m: torch.nn.Module) -> Callable[[], None]:
-            return torch.no_grad()(lambda: m(batch["input_ids"], attention_mask=batch["attention_mask"]))
+        def infer(m: torch.nn.Module, repeats: int = INFER_REPEATS) -> Callable[[], None]:
+            @torch.no_grad()
+            def forwards() -> None:  # a few forwards per timing: one is short enough to be noisy
+                for _ in range(repeats):
+                    m(batch["input_ids"], attention_mask=batch["attention_mask"])
+            return forwards
 
         # two matches, each interleaved on its own: an inference timed right after a training
         # step of the other match would run on caches that step just flushed, and with four
@@ -277,7 +282,7 @@ def peft_suite(args: argparse.Namespace, device: torch.device) -> None:
                              "peft": trainer(hf, batch, 1e-3, lm_loss_hf)}, args, device)
         times |= interleaved({"merged": infer(merged), "base": infer(plain)}, args, device)
         train_r = ratios({"ours": tokens, "peft": tokens}, {k: times[k] for k in ("ours", "peft")}, "peft")
-        infer_r = ratios({"merged": tokens, "base": tokens}, {k: times[k] for k in ("merged", "base")}, "base")
+        infer_r = ratios({"merged": INFER_REPEATS * tokens, "base": INFER_REPEATS * tokens}, {k: times[k] for k in ("merged", "base")}, "base")
         rows.append((label, "lora train: ours / transformers+peft", f"{train_r['ours'][0]:.0f}",
                      f"{train_r['peft'][0]:.0f}", f"{train_r['ours'][1]:.2f}x", f"{train_r['ours'][2]:.2f}x",
                      target("lora train")))

@@ -231,6 +231,49 @@ def test_rmsnorm_by_hand():
     torch.testing.assert_close(out, torch.tensor([[3.0 / r, 2 * 4.0 / r]]))
 
 
+@settings(max_examples=25, deadline=None)
+@given(shape=st.sampled_from([(5, 8), (2, 3, 16), (1, 1, 4)]), train_weight=st.booleans(),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 999))
+def test_rmsnorm_fast_path_equals_the_formula_and_its_autograd(shape, train_weight, scale, seed):
+    """The hand-derived backward (_RMSNormFunction) against autograd through the formula, in
+    float64, with the weight trained or frozen, and float64 gradcheck; then the module's two
+    paths in float32 (RMSNorm.fast True / False), values and gradients."""
+    g = torch.Generator().manual_seed(seed)
+    n = RMSNorm(shape[-1], eps=1e-5).double()
+    with torch.no_grad():
+        n.weight.copy_(torch.rand(shape[-1], generator=g, dtype=torch.float64) + 0.5)
+    n.weight.requires_grad_(train_weight)
+    x = (scale * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    from minituner.model import _RMSNormFunction
+    out = _RMSNormFunction.apply(x, n.weight, n.eps)
+    grads = torch.autograd.grad(out, [x, n.weight] if train_weight else [x], dy)
+    ref = n.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + n.eps))  # Eq. 4, float64
+    ref_grads = torch.autograd.grad(ref, [x, n.weight] if train_weight else [x], dy)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert torch.autograd.gradcheck(lambda x_, w_: _RMSNormFunction.apply(x_, w_, 1e-5),
+                                    (x.detach()[..., :4].clone().requires_grad_(),
+                                     n.weight.detach()[:4].clone().requires_grad_()))
+    n32 = n.float()
+    x32 = x.detach().float().requires_grad_()
+    paths = []
+    for fast in (True, False):
+        n32.fast = fast
+        y = n32(x32)
+        paths.append((y, *torch.autograd.grad(y, [x32, n32.weight] if train_weight else [x32], dy.float())))
+    for a, b in zip(*paths):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, 1 / scale))
+
+
+def test_rmsnorm_fast_path_runs_in_float32_only():
+    n = RMSNorm(4, eps=1e-5)
+    x = torch.randn(3, 4, requires_grad=True)
+    assert type(n(x).grad_fn).__name__ == "_RMSNormFunctionBackward"
+    assert type(n(x.bfloat16()).grad_fn).__name__ != "_RMSNormFunctionBackward"  # bf16: the plain path
+
+
 def test_rope_by_hand():
     """D = 2, theta_0 = base^0 = 1: position m rotates (x1, x2) by angle m.
     rotate_half gives (x1 cos m - x2 sin m, x2 cos m + x1 sin m); (1, 0) at m=1 -> (cos 1, sin 1)."""

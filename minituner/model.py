@@ -306,21 +306,51 @@ class KVCache:
 
 class Rows:
     """The real tokens of a padded batch as rows: gather (B, T, ...) -> (N, ...), scatter back
-    with zeros at the pads. N = the number of 1s in attention_mask (B, T), read on the host."""
+    with zeros at the pads. N = the number of 1s in attention_mask (B, T), read on the host.
+    Each is the other's gradient (every position is one row or one pad), so neither backward
+    zero-fills more than the pad rows."""
 
     def __init__(self, attention_mask: torch.Tensor) -> None:
-        real = attention_mask.bool()  # (B, T)
-        self.B, self.T = real.shape
-        self.index = real.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions b*T + t
-        self.padded = len(self.index) < self.B * self.T
+        real = attention_mask.bool().reshape(-1)  # (B*T,)
+        self.B, self.T = attention_mask.shape
+        self.index = real.nonzero().squeeze(1)  # (N,) flat positions b*T + t
+        self.pads = (~real).nonzero().squeeze(1)  # (B*T - N,)
+        self.padded = len(self.pads) > 0
+        real = real.view(self.B, self.T)
         self.right_padded = not bool((real[:, 1:] & ~real[:, :-1]).any())  # no real token after a pad
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(self.B * self.T, *x.shape[2:]).index_select(0, self.index)  # (N, ...)
+        return _Gather.apply(x.reshape(self.B * self.T, *x.shape[2:]), self)  # (N, ...)
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(self.B * self.T, *x.shape[1:])  # in place: out-of-place index_copy is ~10x slower on the CPU
-        return out.index_copy_(0, self.index, x).view(self.B, self.T, *x.shape[1:])  # (B, T, ...)
+        return _Scatter.apply(x, self).view(self.B, self.T, *x.shape[1:])  # (B, T, ...)
+
+    def _scatter(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(self.B * self.T, *x.shape[1:])  # (B*T, ...)
+        out.index_fill_(0, self.pads, 0)  # in place: out-of-place index_copy is ~10x slower on the CPU
+        return out.index_copy_(0, self.index, x)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+        ctx.rows = rows
+        return x.index_select(0, rows.index)  # (N, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.rows._scatter(grad), None  # (B*T, ...): zeros at the pads
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+        ctx.rows = rows
+        return rows._scatter(x)  # (B*T, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.index_select(0, ctx.rows.index), None  # (N, ...)
 
 
 class Attention(nn.Module):

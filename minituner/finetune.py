@@ -746,9 +746,10 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     ds_train = PreferenceDataset(words(train_ex), tok, max_length=T, overflow="drop")
     ds_test = PreferenceDataset(words(test_ex), tok, max_length=T)  # every test pair, or an error naming it
     prompts = [e["prompt"] for e in test_ex]
+    greedy = lambda m: [sft.from_word(a) for a in complete(m, tok, prompts, progress=progress)]  # noqa: E731
 
     # the starting model, measured (it is also DPO's reference)
-    answers_start = [sft.from_word(a) for a in complete(model, tok, prompts, progress=progress)]
+    answers_start = greedy(model)
     start_logps = pair_logprobs(model, ds_test, tok.pad_id)
     measure = measure_forgetting and world is not None
     start_forgetting = forgetting_measures(model, tok, world) if measure else None
@@ -788,7 +789,7 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     after_logps = pair_logprobs(model, ds_test, tok.pad_id)
     after = reward_accuracy(after_logps, start_logps if loss == "dpo" else None)
     before = None if loss == "dpo" else reward_accuracy(start_logps)
-    answers = [sft.from_word(a) for a in complete(model, tok, prompts, progress=progress)]
+    answers = greedy(model)
     refs = [{"chosen": e["chosen"]} for e in test_ex]
     extra = {"loss": loss, "beta": beta, "loss_type": loss_type if loss == "dpo" else None,
              "label_smoothing": label_smoothing, "rpo_alpha": rpo_alpha,

@@ -327,8 +327,8 @@ class Rows:
 
     def _scatter(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(self.B * self.T, *x.shape[1:])  # (B*T, ...)
-        out.index_fill_(0, self.pads, 0)  # in place: out-of-place index_copy is ~10x slower on the CPU
-        return out.index_copy_(0, self.index, x)
+        out.index_fill_(0, self.pads, 0)  # zeros at the pads only
+        return out.index_copy_(0, self.index, x)  # in place: out-of-place index_copy is ~10x slower on the CPU
 
 
 class _Gather(torch.autograd.Function):

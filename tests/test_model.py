@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import math  # noqa: E402
 
@@ -396,17 +397,14 @@ def test_padding_never_changes_real_positions(family, side, lens, pads, seed):
             torch.testing.assert_close(out[i, where[i]], m(r[None])[0], atol=1e-5, rtol=0)
 
 
+@contextlib.contextmanager
 def plain_path(m: Transformer):
     """The model with the padding-skipping fast path off (every position computed)."""
-    class Plain:
-        def __enter__(self):
-            m.skip_padding = False
-            return m
-
-        def __exit__(self, *exc):
-            del m.skip_padding  # back to the class default
-
-    return Plain()
+    m.skip_padding = False
+    try:
+        yield m
+    finally:
+        del m.skip_padding  # back to the class default
 
 
 @settings(max_examples=30, deadline=None)

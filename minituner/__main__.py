@@ -215,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .finetune import OptionError
 
     try:
         run = {"generate": _generate, "pretrain": _pretrain, "finetune": _finetune}[args.command]
         return run(args)
-    except (UsageError, CheckpointError, DataError, OSError) as e:  # OSError: a file we may not read or write
+    except (UsageError, OptionError, CheckpointError, DataError, OSError) as e:  # OSError: a file we may not read or write
         print(f"minituner: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:

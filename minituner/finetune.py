@@ -51,6 +51,28 @@ from .world import CLASS_NAMES, World
 
 TASKS = ("classify", "instruct", "prefer")
 LOSSES = ("dpo", "orpo")  # task "prefer"
+TASK_OPTIONS = {  # run()'s task options: name -> (default, the tasks that read it)
+    "pooling": ("last", ("classify",)),
+    "template": ("alpaca", ("instruct", "prefer")),
+    "packing": (False, ("instruct",)),
+    "completion_only": (True, ("instruct",)),
+    "loss": ("dpo", ("prefer",)),
+    "beta": (0.1, ("prefer",)),
+    "loss_type": ("sigmoid", ("prefer",)),
+    "label_smoothing": (0.0, ("prefer",)),
+    "rpo_alpha": (None, ("prefer",)),
+    "start_from": (None, ("prefer",)),
+}
+METHOD_OPTIONS = {  # the command line's method options: dest -> the methods whose config reads it
+    "placement": ("adapters",), "reduction_factor": ("adapters",),
+    "r": ("lora", "qlora"), "alpha": ("lora", "qlora"), "rslora": ("lora", "qlora"),
+    "target_modules": ("lora", "qlora"), "num_virtual_tokens": ("prefix", "prompt"),
+    "lr_decay": ("full",), "gradual_unfreezing": ("full",),
+}
+
+
+class OptionError(ValueError):
+    """An option that does not fit the method or task (the command line prints it as one line)."""
 
 # Sentences the corpus itself ends its day stories with: the base model scores each class's
 # sentence after the story, zero-shot (no training), for the "before" number.
@@ -423,13 +445,20 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
     """
     start = time.perf_counter()
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+        raise OptionError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+        raise OptionError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    given = dict(pooling=pooling, template=template, packing=packing, completion_only=completion_only,
+                 loss=loss, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                 rpo_alpha=rpo_alpha, start_from=start_from)
+    unused = [f"{k}={v!r} ({'/'.join(TASK_OPTIONS[k][1])} only)" for k, v in given.items()
+              if task not in TASK_OPTIONS[k][1] and v != TASK_OPTIONS[k][0]]
+    if unused:  # an option the task would ignore is a run the user did not ask for
+        raise OptionError(f"task {task!r} does not use {', '.join(unused)}; drop them or choose their task")
     if task != "classify":
         if method == "head":
-            raise ValueError(f"method 'head' trains a classification head; task {task!r} generates "
-                             "text: choose full, lora, adapters, ...")
+            raise OptionError(f"method 'head' trains a classification head; task {task!r} generates "
+                              "text: choose full, lora, adapters, ...")
         runner = _run_instruct if task == "instruct" else _run_prefer
         return runner(method, base=base, config=config, steps=steps, lr=lr, batch_size=batch_size,
                       seed=seed, n_train=n_train, n_test=n_test, data=data, eval_data=eval_data, out=out,
@@ -472,7 +501,7 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
     if method == "head":
         model = heads.apply_head(model, config)
     else:
-        model = spec.apply(model, config)
+        model, _ = _apply(method, model, config)
         heads.add_head(model, heads.HeadConfig(num_classes=K, pooling=pooling))
     trainable, total = protocol.count_parameters(model)
     cfg = TrainConfig(max_steps=steps or spec.steps, batch_size=batch_size or spec.batch_size,
@@ -570,7 +599,10 @@ def _apply(method: str, model: nn.Module, config: Any) -> tuple[nn.Module, Any]:
     config = config_cls() if config is None else config
     if not isinstance(config, config_cls):
         raise TypeError(f"method {method!r} takes a {config_cls.__name__}, got {type(config).__name__}")
-    return spec.apply(model, config), config
+    try:
+        return spec.apply(model, config), config
+    except ValueError as e:  # the config does not fit this model (no module matches, no bottleneck, ...)
+        raise OptionError(str(e)) from None
 
 
 def _forgetting(model, tok, world, base_measures, disableable: bool) -> dict:
@@ -894,7 +926,24 @@ def add_arguments(parser, number: Callable | None = None) -> None:
 
 
 def config_from_args(args) -> Any:
-    """The method's config from the command line's options."""
+    """The method's config from the command line's options; another method's option, set to
+    anything but its default, is an error rather than silently ignored."""
+    import argparse
+
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    defaults = vars(defaults.parse_args([]))
+    unused = [f"--{k.replace('_', '-')} ({'/'.join(ms)} only)" for k, ms in METHOD_OPTIONS.items()
+              if args.method not in ms and getattr(args, k) != defaults[k]]
+    if unused:
+        raise OptionError(f"--method {args.method} does not use {', '.join(unused)}; drop them or choose their method")
+    try:
+        return _config_from_args(args)
+    except ValueError as e:  # the config's own check, e.g. a reduction factor wider than the model
+        raise OptionError(str(e)) from None
+
+
+def _config_from_args(args) -> Any:
     if args.method == "full":
         return FullConfig(lr_decay=args.lr_decay, gradual_unfreezing=args.gradual_unfreezing)
     if args.method == "adapters":

@@ -189,6 +189,39 @@ def test_cli_lora_options_reach_the_config(method):
     assert finetune.config_from_args(parser.parse_args(["--method", method])).use_rslora is False
 
 
+@pytest.mark.parametrize("argv, names", [
+    (["--task", "classify", "--loss", "orpo", "--beta", "0.5"], ["loss='orpo'", "beta=0.5", "prefer only"]),
+    (["--task", "instruct", "--rpo-alpha", "1", "--from", "somewhere"], ["rpo_alpha=1.0", "start_from='somewhere'"]),
+    (["--task", "prefer", "--packing"], ["packing=True", "instruct only"]),
+    (["--task", "instruct", "--pooling", "mean"], ["pooling='mean'", "classify only"]),
+    (["--method", "lora", "--placement", "pfeiffer"], ["--placement (adapters only)"]),
+    (["--method", "adapters", "--r", "4", "--gradual-unfreezing"], ["--r (lora/qlora only)", "--gradual-unfreezing (full only)"]),
+    (["--method", "head", "--task", "instruct"], ["method 'head'"]),
+])
+def test_cli_refuses_options_the_run_would_ignore(argv, names, capsys):
+    """An option of another task or method is an error that names it, in one line, before any
+    work; it used to be dropped silently (a run that was not the one asked for)."""
+    rc = main(["finetune", *argv, "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for name in names:
+        assert name in err, err
+
+
+def test_run_refuses_task_options_the_task_would_ignore():
+    with pytest.raises(ValueError, match=r"task 'classify' does not use beta=0.5 \(prefer only\)"):
+        finetune.run("adapters", "classify", beta=0.5)
+    with pytest.raises(ValueError, match="does not use packing=True"):
+        finetune.run("lora", "prefer", packing=True)
+
+
+def test_cli_config_that_does_not_fit_the_model_is_one_line(tiny_base, capsys):
+    rc = main(["finetune", "--method", "adapters", "--base", str(tiny_base), "--reduction-factor", "4096",
+               "--no-forgetting", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "reduction_factor=4096" in err and "Traceback" not in err, err
+
+
 def test_cli_trains_on_the_users_jsonl(tiny_base, tmp_path, capsys):
     rows = [{"text": f"the sky is {c} today number {i}", "label": c}
             for i in range(30) for c in ("blue", "grey")]

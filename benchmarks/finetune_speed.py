@@ -19,7 +19,9 @@ methods   training tokens/s of every method of the recipe relative to full fine-
 
               tokens/s(head) = E * tokens / (t_extract + E * t_head_steps)
 
-          Targets (issue 8): adapters >= 1.5x full fine-tuning, head >= 20x.
+          Targets (issue 8): adapters >= 1.5x full fine-tuning, head >= 20x. "adapters" is
+          Houlsby's placement (two per layer, the recipe's default); "adapters-pfeiffer" has
+          one per layer, after the MLP, so backward stops below layer 0's MLP as well.
 peft      LoRA ours vs Hugging Face transformers + PEFT on the same model, batch and LoRA
           config: training tokens/s of the causal LM loss (forward, cross-entropy over the
           real tokens, backward, clip, AdamW), target >= 1.2x (issue 9); and inference with
@@ -167,20 +169,23 @@ def methods_suite(args: argparse.Namespace, device: torch.device) -> None:
     tokens = int(batch["attention_mask"].sum())  # real tokens of a training batch
     head_tokens = sum(len(x["input_ids"]) for x in feature_items)  # real tokens of the extraction
 
-    configs = {"full": finetune.FullConfig(),
-               "adapters": AdapterConfig(placement=args.placement, reduction_factor=args.reduction_factor),
-               "lora": LoRAConfig(r=args.r)}
+    configs = {"full": finetune.FullConfig()}
+    for placement in args.placement:  # Houlsby (the recipe's default) is the row with the target
+        name = "adapters" if placement == "houlsby" else f"adapters-{placement}"
+        configs[name] = AdapterConfig(placement=placement, reduction_factor=args.reduction_factor)
+    configs["lora"] = LoRAConfig(r=args.r)
     for name in ("prefix", "prompt"):  # the registry's config defaults
         configs[name] = finetune.METHODS[name].config_class()()
     fns, pct = {}, {}
     for name, config in configs.items():
+        method = finetune.METHODS[name.split("-")[0]]  # "adapters-pfeiffer" is method "adapters"
         model, _ = finetune.load_base(args.base)
-        model = finetune.METHODS[name].apply(model, config)
+        model = method.apply(model, config)
         heads.add_head(model, heads.HeadConfig(num_classes=K, pooling=args.pooling))
         model.to(device)
         trainable, total = protocol.count_parameters(model)
         pct[name] = 100 * trainable / total
-        fns[name] = trainer(model, batch, finetune.METHODS[name].lr, heads.classification_loss)
+        fns[name] = trainer(model, batch, method.lr, heads.classification_loss)
 
     encoder = heads.apply_head(copy.deepcopy(base), heads.HeadConfig(num_classes=K, pooling=args.pooling)).to(device)
     trainable, total = protocol.count_parameters(encoder)
@@ -209,7 +214,7 @@ def methods_suite(args: argparse.Namespace, device: torch.device) -> None:
     r = ratios(work, times, "full")
     n_params = sum(q.numel() for q in base.parameters())
     print(f"\n[methods] base {n_params / 1e6:.2f} M params; batch {args.batch_size} ({tokens} real tokens); "
-          f"adapters {args.placement} r={args.reduction_factor}; lora r={args.r} on q_proj, v_proj; "
+          f"adapters {'/'.join(args.placement)} r={args.reduction_factor}; lora r={args.r} on q_proj, v_proj; "
           f"prefix/prompt: the registry's defaults; head: extraction of {len(feature_items)} examples "
           f"({head_tokens} tokens) + {epochs:.1f} epochs of head steps")
     rows = [(n, f"{pct[n]:.2f}", f"{statistics.median(times[n]) * 1e3:.1f}", f"{r[n][0]:.0f}",
@@ -396,7 +401,9 @@ def parser() -> argparse.ArgumentParser:
                    help="examples (or pairs, or rows) per step (the recipe's default)")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    p.add_argument("--placement", default="houlsby", choices=["houlsby", "pfeiffer"], help="adapters")
+    p.add_argument("--placement", nargs="+", default=["houlsby", "pfeiffer"], choices=["houlsby", "pfeiffer"],
+                   help="adapters: one row per placement (houlsby: 2 per layer, the recipe's default; "
+                        "pfeiffer: 1, after the MLP)")
     p.add_argument("--reduction-factor", type=int, default=16, help="adapters: m = d / this")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r)")
     p.add_argument("--pooling", default="last", choices=list(heads.POOLINGS), help="the head's pooling")

@@ -248,7 +248,7 @@ def test_finetune_speed_methods_suite_reports_every_method(capsys):
     out = capsys.readouterr().out
     table = out[out.index("training tokens/s x full fine-tuning"):].splitlines()[3:]  # after the header
     rows = {line.split()[0]: line.split() for line in table if line.strip() and not line.startswith("ratio")}
-    assert set(rows) == {"full", "adapters", "lora", "prefix", "prompt", "head"}, out
+    assert set(rows) == {"full", "adapters", "adapters-pfeiffer", "lora", "prefix", "prompt", "head"}, out
     assert rows["full"][1:2] == ["100.00"] and rows["full"][4:6] == ["1.00x", "1.00x"], out
     assert rows["adapters"][-1] == "1.5x" and rows["head"][-1] == "20x", out
 

@@ -455,6 +455,9 @@ def run(method: str = "adapters", task: str = "classify", *, base: str | os.Path
               if task not in TASK_OPTIONS[k][1] and v != TASK_OPTIONS[k][0]]
     if unused:  # an option the task would ignore is a run the user did not ask for
         raise OptionError(f"task {task!r} does not use {', '.join(unused)}; drop them or choose their task")
+    if eval_data is not None and data is None:  # the world's test split would be used instead
+        raise OptionError(f"eval_data={str(eval_data)!r} is read only with data (your training JSONL); "
+                          "pass data too, or drop eval_data to evaluate on the world's test split")
     if task != "classify":
         if method == "head":
             raise OptionError(f"method 'head' trains a classification head; task {task!r} generates "

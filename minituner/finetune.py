@@ -605,7 +605,7 @@ def _apply(method: str, model: nn.Module, config: Any) -> tuple[nn.Module, Any]:
     try:
         return spec.apply(model, config), config
     except ValueError as e:  # the config does not fit this model (no module matches, no bottleneck, ...)
-        raise OptionError(str(e)) from None
+        raise OptionError(str(e)) from e
 
 
 def _forgetting(model, tok, world, base_measures, disableable: bool) -> dict:
@@ -943,7 +943,7 @@ def config_from_args(args) -> Any:
     try:
         return _config_from_args(args)
     except ValueError as e:  # the config's own check, e.g. a reduction factor wider than the model
-        raise OptionError(str(e)) from None
+        raise OptionError(str(e)) from e
 
 
 def _config_from_args(args) -> Any:

@@ -255,8 +255,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for deployment. The adapters are gone: no unmerge, no set_adapter (keep a copy for that)."""
     merge_lora(model)  # refuses, changing nothing, what cannot be merged
     for name, m in lora_layers(model):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, m.base)  # W0 + ΔW, or W0 (inactive)
+        replace_module(model, name, m.base)  # W0 + ΔW, or W0 (inactive)
     model.minituner_techniques = [t for t in getattr(model, "minituner_techniques", []) if t["technique"] != "lora"]
     return model
 

@@ -768,10 +768,10 @@ def _run_prefer(method: str, *, base, config, steps, lr, batch_size, seed, n_tra
     from .orpo import orpo_step_loss
 
     if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+        raise OptionError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
     if loss != "dpo" and (loss_type != "sigmoid" or label_smoothing or rpo_alpha is not None):
-        raise ValueError(f"loss_type={loss_type!r} / label_smoothing={label_smoothing} / rpo_alpha={rpo_alpha} "
-                         f"are DPO's; --loss {loss} has none of them (ORPO has its own NLL term)")
+        raise OptionError(f"loss_type={loss_type!r} / label_smoothing={label_smoothing} / rpo_alpha={rpo_alpha} "
+                          f"are DPO's; --loss {loss} has none of them (ORPO has its own NLL term)")
     torch.manual_seed(seed)
     model, tok, keep_training = _start_model(method, base, start_from)
     train_ex, test_ex, world = prefer_data(data, eval_data, n_train=n_train, n_test=n_test, template=template)

@@ -197,6 +197,7 @@ def test_cli_lora_options_reach_the_config(method):
     (["--method", "lora", "--placement", "pfeiffer"], ["--placement (adapters only)"]),
     (["--method", "adapters", "--r", "4", "--gradual-unfreezing"], ["--r (lora/qlora only)", "--gradual-unfreezing (full only)"]),
     (["--method", "head", "--task", "instruct"], ["method 'head'"]),
+    (["--task", "prefer", "--loss", "orpo", "--rpo-alpha", "1"], ["rpo_alpha=1.0", "--loss orpo has none"]),
     (["--task", "prefer", "--eval-data", "mine.jsonl"], ["eval_data='mine.jsonl' is read only with data"]),
 ])
 def test_cli_refuses_options_the_run_would_ignore(argv, names, capsys):
